@@ -1,0 +1,55 @@
+-- Visible messages: `seq` is the position a cursor points at. SQLite has one
+-- writer, so `seq` grows in commit order and a cursor never skips a message.
+CREATE TABLE messages (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT    NOT NULL,
+    mailbox     TEXT    NOT NULL,
+    type        INTEGER NOT NULL,
+    data        TEXT    NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    visible_ms  INTEGER NOT NULL
+);
+CREATE INDEX messages_mailbox_seq ON messages (mailbox, seq);
+CREATE INDEX messages_visible ON messages (visible_ms);
+
+-- Messages accepted with a delay: moved into `messages` when due, so that they
+-- take a position after everything already delivered.
+CREATE TABLE delayed_messages (
+    id          TEXT    PRIMARY KEY,
+    mailbox     TEXT    NOT NULL,
+    type        INTEGER NOT NULL,
+    data        TEXT    NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    due_ms      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX delayed_messages_due ON delayed_messages (due_ms);
+
+-- (mailbox, dedupKey) seen inside retention, and the message it named.
+CREATE TABLE dedup_keys (
+    mailbox    TEXT    NOT NULL,
+    dedup_key  TEXT    NOT NULL,
+    id         TEXT    NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, dedup_key)
+) WITHOUT ROWID;
+CREATE INDEX dedup_keys_created ON dedup_keys (created_ms);
+
+-- Where a session that sends no cursor has read up to.
+CREATE TABLE session_positions (
+    session    TEXT    PRIMARY KEY,
+    mailbox    TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Revoked sessions, kept until the token would have expired anyway.
+CREATE TABLE revoked_sessions (
+    jti        TEXT    PRIMARY KEY,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Every session of the mailbox that started at or before `revoked_ms` is revoked.
+CREATE TABLE revoked_mailboxes (
+    mailbox    TEXT    PRIMARY KEY,
+    revoked_ms INTEGER NOT NULL
+) WITHOUT ROWID;

@@ -1,0 +1,323 @@
+//! Configuration: a TOML file, then environment variables, then flags, later
+//! ones overriding earlier ones (names as in SPEC.md). Secrets that are not
+//! configured are generated once and kept, mode 0600, in the data directory.
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The public listener's default address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The internal listener's default address.
+pub const DEFAULT_INTERNAL_LISTEN: &str = "127.0.0.1:8081";
+/// The embedded default store.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/pns.db";
+/// How long a poll is held by default, and at most.
+pub const DEFAULT_HOLD_SECS: u64 = 30;
+pub const MAX_HOLD_SECS: u64 = 110;
+/// Retention defaults: per user the newest 500 messages, none older than 7 days.
+pub const DEFAULT_RETENTION_MAX_MESSAGES: u32 = 500;
+pub const DEFAULT_RETENTION_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+/// The user the demo page signs in as.
+pub const DEMO_USER: &str = "demo@example.com";
+
+/// Every setting, each optional so that the sources can be layered.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[command(next_help_heading = "Settings (also PNS_* environment variables and the config file)")]
+pub struct Settings {
+    /// Public listener, for browsers.
+    #[arg(long, env = "PNS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Internal listener, for delivery agents and operators.
+    #[arg(long, env = "PNS_INTERNAL_LISTEN", value_name = "ADDR")]
+    pub internal_listen: Option<SocketAddr>,
+    /// sqlite://path (default sqlite://data/pns.db) or postgres://…
+    #[arg(long, env = "PNS_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Where generated secrets are kept (default: the SQLite file's folder, or ./data).
+    #[arg(long, env = "PNS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HS256 secret for session tokens (generated when unset).
+    #[arg(
+        long,
+        env = "PNS_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (EdDSA or RS256) to check session tokens with, instead of a secret.
+    #[arg(long, env = "PNS_JWT_PUBLIC_KEY_FILE", value_name = "FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `aud` of session tokens (unset: not checked).
+    #[arg(long, env = "PNS_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
+    /// Bearer token(s) for the internal API, comma-separated (generated when unset).
+    #[arg(
+        long,
+        env = "PNS_INTERNAL_TOKEN",
+        value_name = "TOKENS",
+        hide_env_values = true
+    )]
+    pub internal_token: Option<String>,
+    /// How long a poll is held at most, in seconds (cap 110).
+    #[arg(long, env = "PNS_HOLD_SECS", value_name = "SECS")]
+    pub hold_secs: Option<u64>,
+    /// CORS origins of the webmail, comma-separated.
+    #[arg(long, env = "PNS_ALLOWED_ORIGINS", value_name = "ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// Root of the Maildir tree to watch (enables the watcher).
+    #[arg(long, env = "PNS_MAILDIR_ROOT", value_name = "DIR")]
+    pub maildir_root: Option<PathBuf>,
+    /// Messages kept per user at most.
+    #[arg(long, env = "PNS_RETENTION_MAX_MESSAGES", value_name = "N")]
+    pub retention_max_messages: Option<u32>,
+    /// Age after which messages are purged, in seconds.
+    #[arg(long, env = "PNS_RETENTION_MAX_AGE_SECS", value_name = "SECS")]
+    pub retention_max_age_secs: Option<u64>,
+    /// How often the retention purge runs, in seconds.
+    #[arg(long, env = "PNS_RETENTION_INTERVAL_SECS", value_name = "SECS")]
+    pub retention_interval_secs: Option<u64>,
+    /// Serve the demo session endpoint (default: on when no secret or key is configured).
+    #[arg(long, env = "PNS_DEMO", value_name = "BOOL")]
+    pub demo: Option<bool>,
+}
+
+macro_rules! layer_fields {
+    ($over:ident, $under:ident, $($f:ident),*) => {
+        Settings { $($f: $over.$f.or($under.$f)),* }
+    };
+}
+
+impl Settings {
+    /// `self` wins over `under`, field by field.
+    pub fn over(self, under: Settings) -> Settings {
+        let over = self;
+        layer_fields!(
+            over,
+            under,
+            listen,
+            internal_listen,
+            database_url,
+            data_dir,
+            jwt_secret,
+            jwt_public_key_file,
+            jwt_audience,
+            internal_token,
+            hold_secs,
+            allowed_origins,
+            maildir_root,
+            retention_max_messages,
+            retention_max_age_secs,
+            retention_interval_secs,
+            demo
+        )
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))
+    }
+}
+
+/// How session tokens are checked.
+#[derive(Debug, Clone)]
+pub enum SessionKey {
+    Secret(String),
+    PublicKeyFile(PathBuf),
+}
+
+/// The resolved configuration `pns` runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub internal_listen: SocketAddr,
+    pub database_url: String,
+    pub data_dir: PathBuf,
+    pub session_key: SessionKey,
+    pub audience: Option<String>,
+    pub internal_tokens: Vec<String>,
+    pub hold: Duration,
+    pub allowed_origins: Vec<String>,
+    pub maildir_root: Option<PathBuf>,
+    pub retention: crate::store::RetentionPolicy,
+    pub retention_every: Duration,
+    pub demo: bool,
+    /// Secret files generated by this start, to point the operator at.
+    pub generated: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Layer `file` (if any) under `settings`, fill defaults, and load or
+    /// generate secrets.
+    pub fn resolve(settings: Settings, file: Option<&Path>) -> anyhow::Result<Config> {
+        let settings = match file {
+            Some(path) => settings.over(Settings::from_file(path)?),
+            None => settings,
+        };
+        let database_url = settings
+            .database_url
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let data_dir = match settings.data_dir {
+            Some(d) => d,
+            None if database_url.starts_with("sqlite:") => crate::store::sqlite_path(&database_url)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+            None => PathBuf::from("data"),
+        };
+        let hold_secs = settings.hold_secs.unwrap_or(DEFAULT_HOLD_SECS);
+        if hold_secs == 0 || hold_secs > MAX_HOLD_SECS {
+            bail!("PNS_HOLD_SECS must be between 1 and {MAX_HOLD_SECS}, not {hold_secs}");
+        }
+        let mut generated = Vec::new();
+        let configured_key =
+            settings.jwt_secret.is_some() || settings.jwt_public_key_file.is_some();
+        let session_key = match (settings.jwt_public_key_file, settings.jwt_secret) {
+            (Some(path), _) => SessionKey::PublicKeyFile(path),
+            (None, Some(secret)) => {
+                if secret.len() < 32 {
+                    bail!("PNS_JWT_SECRET must be at least 32 characters");
+                }
+                SessionKey::Secret(secret)
+            }
+            (None, None) => {
+                SessionKey::Secret(kept_secret(&data_dir, "jwt_secret", &mut generated)?)
+            }
+        };
+        let internal_tokens: Vec<String> = match settings.internal_token {
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            None => vec![kept_secret(&data_dir, "internal_token", &mut generated)?],
+        };
+        if internal_tokens.is_empty() {
+            bail!("PNS_INTERNAL_TOKEN is set but holds no token");
+        }
+        if let Some(t) = internal_tokens.iter().find(|t| t.len() < 16) {
+            bail!(
+                "each PNS_INTERNAL_TOKEN must be at least 16 characters (one has {})",
+                t.len()
+            );
+        }
+        let max_age = settings
+            .retention_max_age_secs
+            .unwrap_or(DEFAULT_RETENTION_MAX_AGE_SECS);
+        Ok(Config {
+            listen: settings
+                .listen
+                .unwrap_or_else(|| parse_addr(DEFAULT_LISTEN)),
+            internal_listen: settings
+                .internal_listen
+                .unwrap_or_else(|| parse_addr(DEFAULT_INTERNAL_LISTEN)),
+            database_url,
+            data_dir,
+            session_key,
+            audience: settings.jwt_audience,
+            internal_tokens,
+            hold: Duration::from_secs(hold_secs),
+            allowed_origins: settings
+                .allowed_origins
+                .map(|o| {
+                    o.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            maildir_root: settings.maildir_root,
+            retention: crate::store::RetentionPolicy {
+                max_messages_per_user: settings
+                    .retention_max_messages
+                    .unwrap_or(DEFAULT_RETENTION_MAX_MESSAGES),
+                max_age_ms: i64::try_from(max_age.saturating_mul(1000)).unwrap_or(i64::MAX),
+            },
+            retention_every: Duration::from_secs(
+                settings.retention_interval_secs.unwrap_or(300).max(1),
+            ),
+            demo: settings.demo.unwrap_or(!configured_key),
+            generated,
+        })
+    }
+
+    /// The HS256 secret, when sessions use one (needed to mint tokens).
+    pub fn jwt_secret(&self) -> Option<&str> {
+        match &self.session_key {
+            SessionKey::Secret(s) => Some(s),
+            SessionKey::PublicKeyFile(_) => None,
+        }
+    }
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    // The defaults are literals known to parse.
+    s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Read `data_dir/name`, or create it with a fresh random secret, mode 0600.
+fn kept_secret(
+    data_dir: &Path,
+    name: &str,
+    generated: &mut Vec<PathBuf>,
+) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().to_owned()),
+        Ok(_) => bail!(
+            "{} is too short to be a secret; delete it to have a new one generated",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let secret = {
+        use base64::Engine;
+        let bytes: [u8; 32] = rand::random();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    f.sync_all()?;
+    generated.push(path);
+    Ok(secret)
+}
+
+/// Parse a duration like `8h`, `30m`, `45s`, `7d` or plain seconds.
+pub fn parse_ttl(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 8h, 30m or 3600"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
+}

@@ -1,0 +1,131 @@
+//! The HTTP surfaces: the public listener (browsers) and the internal listener
+//! (delivery agents, operators). Handlers are thin: they parse, call into the
+//! service modules, and shape the answer.
+//!
+//! - [`poll`]: `GET /pns/poll`
+//! - [`notify`]: `POST /internal/v1/notify`
+//! - [`admin`]: session revocation and stats
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`
+//! - [`demo`]: the demo page, the bundled client and the demo session
+//! - [`error`]: the one error type, mapped to status and `errorCode`
+
+pub mod admin;
+pub mod body;
+pub mod demo;
+pub mod error;
+pub mod health;
+pub mod notify;
+pub mod poll;
+
+use crate::app::App;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use std::sync::Arc;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+
+/// Request bodies larger than this are refused with 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The router of the public listener.
+pub fn public_router(app: Arc<App>) -> Router {
+    let mut router = Router::new()
+        .route("/pns/poll", get(poll::poll))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/pns/client.js", get(demo::client_js))
+        .route("/", get(demo::page))
+        .route("/pns/demo/session", get(demo::session))
+        .fallback(not_found)
+        .with_state(app.clone())
+        .layer(no_store());
+    if !app.config.allowed_origins.is_empty() {
+        let origins: Vec<HeaderValue> = app
+            .config
+            .allowed_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET])
+                .allow_headers([header::AUTHORIZATION])
+                .allow_credentials(true)
+                .expose_headers([header::RETRY_AFTER]),
+        );
+    }
+    router
+}
+
+/// The router of the internal listener.
+pub fn internal_router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/internal/v1/notify", post(notify::notify))
+        .route("/internal/v1/sessions/revoke", post(admin::revoke))
+        .route("/internal/v1/stats", get(admin::stats))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            require_internal_token,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+        .layer(no_store())
+}
+
+fn no_store() -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+/// Lets a request through only with `Authorization: Bearer <one of the internal tokens>`.
+async fn require_internal_token(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized(
+            "the internal API needs Authorization: Bearer <token>",
+        ))?;
+    let known = app
+        .config
+        .internal_tokens
+        .iter()
+        .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()));
+    if !known {
+        return Err(ApiError::Unauthorized(
+            "the internal API token is not valid",
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+/// Compares without an early exit, so timing does not reveal a prefix.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
+    da.iter()
+        .zip(db.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}

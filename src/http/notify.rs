@@ -1,0 +1,154 @@
+//! `POST /internal/v1/notify`: one message or a batch, validated whole, then
+//! handed to [`crate::ingest`]. The 202 goes out only after the commit.
+
+use super::body::read_json;
+use super::error::ApiError;
+use crate::app::App;
+use crate::ingest::Source;
+use crate::store::NewMessage;
+use crate::wire::{NotifyAccepted, NotifyBody, NotifyItem, MAX_BATCH};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// Limits on the fields of a message.
+pub const MAX_USER_LEN: usize = 320;
+pub const MAX_DEDUP_KEY_LEN: usize = 256;
+pub const MAX_DATA_BYTES: usize = 64 * 1024;
+pub const MAX_TYPE: i64 = 32767;
+
+pub async fn notify(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<NotifyAccepted>), ApiError> {
+    let body: NotifyBody = read_json(&headers, body)?;
+    let batch = into_batch(body, app.config.retention.max_age_ms)?;
+    let report = app.ingest.accept(batch, Source::Api).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(NotifyAccepted {
+            accepted: report.accepted,
+            duplicates: report.duplicates,
+            ids: report.ids,
+        }),
+    ))
+}
+
+/// Turn either shape into validated messages; any bad item refuses the whole.
+fn into_batch(body: NotifyBody, max_delay_ms: i64) -> Result<Vec<NewMessage>, ApiError> {
+    match body.messages {
+        Some(items) => {
+            if body.user.is_some()
+                || body.kind.is_some()
+                || body.data.is_some()
+                || body.dedup_key.is_some()
+                || body.delay_ms.is_some()
+            {
+                return Err(ApiError::InvalidField(
+                    "a batch has only \"messages\"; put user, type and data inside each message"
+                        .into(),
+                ));
+            }
+            if items.is_empty() {
+                return Err(ApiError::InvalidField(
+                    "messages: the batch is empty".into(),
+                ));
+            }
+            if items.len() > MAX_BATCH {
+                return Err(ApiError::TooLarge(format!(
+                    "messages: a batch holds at most {MAX_BATCH} messages, not {}",
+                    items.len()
+                )));
+            }
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| validate(item, &format!("messages[{i}]."), max_delay_ms))
+                .collect()
+        }
+        None => {
+            let user = body
+                .user
+                .ok_or_else(|| ApiError::InvalidField("user: missing".into()))?;
+            let kind = body
+                .kind
+                .ok_or_else(|| ApiError::InvalidField("type: missing".into()))?;
+            let item = NotifyItem {
+                user,
+                kind,
+                data: body.data,
+                dedup_key: body.dedup_key,
+                delay_ms: body.delay_ms,
+            };
+            Ok(vec![validate(item, "", max_delay_ms)?])
+        }
+    }
+}
+
+/// Check one message; `at` prefixes field names in errors (`messages[3].`).
+pub fn validate(item: NotifyItem, at: &str, max_delay_ms: i64) -> Result<NewMessage, ApiError> {
+    let bad = |field: &str, why: String| ApiError::InvalidField(format!("{at}{field}: {why}"));
+    let user = item.user.trim();
+    if user.is_empty() {
+        return Err(bad("user", "must not be empty".into()));
+    }
+    if user.len() > MAX_USER_LEN {
+        return Err(bad("user", format!("longer than {MAX_USER_LEN} bytes")));
+    }
+    if user.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad(
+            "user",
+            "must not contain spaces or control characters".into(),
+        ));
+    }
+    if !(1..=MAX_TYPE).contains(&item.kind) {
+        return Err(bad(
+            "type",
+            format!("must be from 1 to {MAX_TYPE}, not {}", item.kind),
+        ));
+    }
+    let data = match item.data {
+        None => "{}".to_owned(),
+        Some(raw) => check_data(raw).map_err(|why| bad("data", why))?,
+    };
+    let dedup_key = match item.dedup_key {
+        Some(k) if k.is_empty() => return Err(bad("dedupKey", "must not be empty".into())),
+        Some(k) if k.len() > MAX_DEDUP_KEY_LEN => {
+            return Err(bad(
+                "dedupKey",
+                format!("longer than {MAX_DEDUP_KEY_LEN} bytes"),
+            ))
+        }
+        other => other,
+    };
+    let delay_ms = item.delay_ms.unwrap_or(0);
+    if i64::try_from(delay_ms).map_or(true, |d| d > max_delay_ms) {
+        return Err(bad(
+            "delayMs",
+            format!("must be at most the retention age, {max_delay_ms} ms"),
+        ));
+    }
+    Ok(NewMessage {
+        user: user.to_owned(),
+        kind: item.kind,
+        data,
+        dedup_key,
+        delay_ms,
+    })
+}
+
+fn check_data(raw: Box<RawValue>) -> Result<String, String> {
+    let text = raw.get();
+    if !text.trim_start().starts_with('{') {
+        return Err("must be a JSON object".into());
+    }
+    if text.len() > MAX_DATA_BYTES {
+        return Err(format!("larger than {MAX_DATA_BYTES} bytes"));
+    }
+    Ok(String::from(Box::<str>::from(raw)))
+}

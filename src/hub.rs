@@ -1,0 +1,278 @@
+//! The hub: where held polls wait, and what wakes them.
+//!
+//! A held poll *parks* in an in-memory registry keyed by user and waits on a
+//! oneshot channel; the accept path *wakes* a user after the store commit. A
+//! parked poll costs no CPU while it waits, and the registry is the only place
+//! that knows who is waiting, so nothing ever scans the store for news.
+//!
+//! A poll parks *before* it reads the store, so a message committed between the
+//! read and the wait still wakes it. Dropping the [`Parked`] handle (the poll
+//! answered, or its client vanished and the request future was dropped)
+//! removes its entry, so the registry never outgrows the polls really held.
+//!
+//! The registry is split into shards by user, so that wakes for different
+//! users rarely contend on one lock.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::oneshot;
+
+const SHARDS: usize = 64;
+
+/// Why a parked poll was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The user may have news: read the store again.
+    News,
+    /// A newer poll of the same session took over; answer empty at once.
+    Superseded,
+    /// The session was revoked; answer 401.
+    Revoked,
+    /// The node is shutting down; answer empty at once.
+    ShuttingDown,
+}
+
+struct Waiter {
+    id: u64,
+    session: Arc<str>,
+    wake: oneshot::Sender<Wake>,
+}
+
+#[derive(Default)]
+struct Shard {
+    users: HashMap<Arc<str>, Vec<Waiter>>,
+}
+
+pub struct Hub {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    next_id: AtomicU64,
+    held: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// A poll's place in the hub; await [`Parked::woken`], drop to leave.
+pub struct Parked {
+    hub: Arc<Hub>,
+    user: Arc<str>,
+    id: u64,
+    rx: oneshot::Receiver<Wake>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: Default::default(),
+            next_id: AtomicU64::new(1),
+            held: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Hub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Hub::default())
+    }
+
+    fn shard(&self, user: &str) -> MutexGuard<'_, Shard> {
+        let idx = (self.hasher.hash_one(user) as usize) % self.shards.len();
+        // A panic while holding a shard lock leaves plain data behind; keep going.
+        self.shards[idx].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Park a poll of `session` for `user`. An older poll of the same session
+    /// is released with [`Wake::Superseded`].
+    pub fn park(self: &Arc<Self>, user: &str, session: &str) -> Parked {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let user: Arc<str> = Arc::from(user);
+        if self.closed.load(Ordering::Acquire) {
+            let _ = tx.send(Wake::ShuttingDown);
+            return Parked {
+                hub: self.clone(),
+                user,
+                id,
+                rx,
+            };
+        }
+        let mut shard = self.shard(&user);
+        let waiters = shard.users.entry(user.clone()).or_default();
+        let mut released = 0;
+        waiters.retain_mut(|w| {
+            if &*w.session == session {
+                released += 1;
+                // Replace the sender so the old one can be consumed.
+                let (dummy, _) = oneshot::channel();
+                let old = std::mem::replace(&mut w.wake, dummy);
+                let _ = old.send(Wake::Superseded);
+                false
+            } else {
+                true
+            }
+        });
+        waiters.push(Waiter {
+            id,
+            session: Arc::from(session),
+            wake: tx,
+        });
+        drop(shard);
+        self.held.fetch_add(1, Ordering::Relaxed);
+        self.held.fetch_sub(released, Ordering::Relaxed);
+        Parked {
+            hub: self.clone(),
+            user,
+            id,
+            rx,
+        }
+    }
+
+    /// Wake every poll parked for `user`.
+    pub fn wake(&self, user: &str) {
+        let waiters = self.shard(user).users.remove(user);
+        if let Some(waiters) = waiters {
+            self.held.fetch_sub(waiters.len(), Ordering::Relaxed);
+            for w in waiters {
+                let _ = w.wake.send(Wake::News);
+            }
+        }
+    }
+
+    /// End every poll of `user` with [`Wake::Revoked`].
+    pub fn revoke_user(&self, user: &str) {
+        let waiters = self.shard(user).users.remove(user);
+        if let Some(waiters) = waiters {
+            self.held.fetch_sub(waiters.len(), Ordering::Relaxed);
+            for w in waiters {
+                let _ = w.wake.send(Wake::Revoked);
+            }
+        }
+    }
+
+    /// End every poll of session `session` with [`Wake::Revoked`]. Rare, so a
+    /// walk over all shards is fine.
+    pub fn revoke_session(&self, session: &str) {
+        self.release_where(|w| &*w.session == session, Wake::Revoked);
+    }
+
+    /// Answer every held poll with [`Wake::ShuttingDown`]; polls parked from
+    /// now on are answered at once.
+    pub fn shut_down(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.release_where(|_| true, Wake::ShuttingDown);
+    }
+
+    fn release_where(&self, pred: impl Fn(&Waiter) -> bool, why: Wake) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let mut released = Vec::new();
+            shard.users.retain(|_, waiters| {
+                let mut i = 0;
+                while i < waiters.len() {
+                    if pred(&waiters[i]) {
+                        released.push(waiters.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                !waiters.is_empty()
+            });
+            drop(shard);
+            self.held.fetch_sub(released.len(), Ordering::Relaxed);
+            for w in released {
+                let _ = w.wake.send(why);
+            }
+        }
+    }
+
+    /// Polls parked now on this node.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Polls parked now for `user` on this node, by session.
+    pub fn held_by_session(&self, user: &str) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        if let Some(waiters) = self.shard(user).users.get(user) {
+            for w in waiters {
+                *out.entry(w.session.to_string()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    fn leave(&self, user: &str, id: u64) {
+        let mut shard = self.shard(user);
+        if let Some(waiters) = shard.users.get_mut(user) {
+            if let Some(pos) = waiters.iter().position(|w| w.id == id) {
+                waiters.swap_remove(pos);
+                self.held.fetch_sub(1, Ordering::Relaxed);
+            }
+            if waiters.is_empty() {
+                shard.users.remove(user);
+            }
+        }
+    }
+}
+
+impl Parked {
+    /// Wait until woken. A sender dropped without a word counts as news, so
+    /// the poll re-reads the store rather than hang.
+    pub async fn woken(&mut self) -> Wake {
+        (&mut self.rx).await.unwrap_or(Wake::News)
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.hub.leave(&self.user, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wake_reaches_only_that_user_and_entries_are_removed() {
+        let hub = Hub::new();
+        let mut a = hub.park("a@x", "s1");
+        let b = hub.park("b@x", "s2");
+        assert_eq!(hub.held(), 2);
+        hub.wake("a@x");
+        assert_eq!(a.woken().await, Wake::News);
+        assert_eq!(hub.held(), 1);
+        drop(b);
+        assert_eq!(hub.held(), 0);
+        drop(a);
+        assert_eq!(hub.held(), 0);
+        assert!(hub
+            .shards
+            .iter()
+            .all(|s| s.lock().unwrap().users.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn newer_poll_of_a_session_supersedes_the_older() {
+        let hub = Hub::new();
+        let mut old = hub.park("a@x", "s1");
+        let _other = hub.park("a@x", "s2");
+        let _new = hub.park("a@x", "s1");
+        assert_eq!(old.woken().await, Wake::Superseded);
+        assert_eq!(hub.held(), 2);
+    }
+
+    #[tokio::test]
+    async fn shutdown_releases_everyone_and_later_parks() {
+        let hub = Hub::new();
+        let mut a = hub.park("a@x", "s1");
+        hub.shut_down();
+        assert_eq!(a.woken().await, Wake::ShuttingDown);
+        let mut late = hub.park("a@x", "s1");
+        assert_eq!(late.woken().await, Wake::ShuttingDown);
+        assert_eq!(hub.held(), 0);
+    }
+}

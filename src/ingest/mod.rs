@@ -1,0 +1,108 @@
+//! Ingest: every way a message enters PNS ends here.
+//!
+//! [`Ingest::accept`] validates nothing (the callers' parsers do), stores the
+//! batch durably, then wakes the polls of the users who got visible news and
+//! tells the delay scheduler about delayed ones. Data flows one way from
+//! here: store, then hub, then poll answers.
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::scheduler::DelayScheduler;
+use crate::store::{Accepted, NewMessage, SharedStore, StoreResult};
+use std::sync::Arc;
+
+/// Where a message came from, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Api,
+    Maildir,
+    Dovecot,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Api => "api",
+            Source::Maildir => "maildir",
+            Source::Dovecot => "dovecot",
+        }
+    }
+}
+
+/// The outcome of one accepted batch.
+#[derive(Debug)]
+pub struct AcceptReport {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub ids: Vec<String>,
+}
+
+pub struct Ingest {
+    store: SharedStore,
+    hub: Arc<Hub>,
+    scheduler: Arc<DelayScheduler>,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    pub fn new(
+        store: SharedStore,
+        hub: Arc<Hub>,
+        scheduler: Arc<DelayScheduler>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Ingest {
+            store,
+            hub,
+            scheduler,
+            metrics,
+        }
+    }
+
+    pub async fn accept(
+        &self,
+        batch: Vec<NewMessage>,
+        source: Source,
+    ) -> StoreResult<AcceptReport> {
+        let now = crate::clock::now_ms();
+        let users: Vec<String> = batch.iter().map(|m| m.user.clone()).collect();
+        let outcomes = self.store.accept(batch, now).await.inspect_err(|_| {
+            self.metrics.store_errors.inc();
+        })?;
+        let mut report = AcceptReport {
+            accepted: 0,
+            duplicates: 0,
+            ids: Vec::with_capacity(outcomes.len()),
+        };
+        let mut woken: Vec<&str> = Vec::new();
+        let mut delayed = false;
+        for (outcome, user) in outcomes.into_iter().zip(&users) {
+            match outcome {
+                Accepted::Stored { id, visible } => {
+                    report.accepted += 1;
+                    report.ids.push(id);
+                    if visible {
+                        woken.push(user);
+                    } else {
+                        delayed = true;
+                    }
+                }
+                Accepted::Duplicate { id } => {
+                    report.duplicates += 1;
+                    report.ids.push(id);
+                }
+            }
+        }
+        woken.sort_unstable();
+        woken.dedup();
+        for user in woken {
+            self.hub.wake(user);
+        }
+        if delayed {
+            self.scheduler.reschedule();
+        }
+        self.metrics
+            .accepted(source, report.accepted as u64, report.duplicates as u64);
+        Ok(report)
+    }
+}

@@ -1,0 +1,46 @@
+//! PNS: a push notification service for webmail.
+//!
+//! Browsers long-poll `GET /pns/poll`; the server holds each request until a
+//! message for that user exists or the hold ends. Messages come in over the
+//! internal HTTP API (and, later, Dovecot and a Maildir watcher). See
+//! `SPEC.md` for the contract and `docs/` for the guides.
+//!
+//! # Layout
+//!
+//! A message travels down this list:
+//!
+//! - [`http`]: the two HTTP surfaces; thin handlers, one error type.
+//! - [`wire`]: the request and response JSON, side by side with SPEC.
+//! - [`ingest`]: where every way in ends: store, then wake.
+//! - [`store`]: the message store trait, with SQLite behind it.
+//! - [`scheduler`]: makes delayed messages visible when due.
+//! - [`hub`]: parks held polls and wakes them.
+//! - [`poll`]: answers a poll from the store and the hub.
+//! - [`session`]: validates sids (JWT) and keeps revocations.
+//!
+//! Around them:
+//!
+//! - [`app`]: the shared state and `pns serve`'s start and stop.
+//! - [`server`]: the accept loop with limits and graceful drain.
+//! - [`config`]: settings from file, environment and flags; generated secrets.
+//! - [`retention`]: the background purge.
+//! - [`metrics`]: counters, Prometheus text.
+//! - [`shutdown`]: the token every task watches.
+//! - [`cli`]: the `pns` command line.
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod ingest;
+pub mod metrics;
+pub mod poll;
+pub mod retention;
+pub mod scheduler;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod store;
+pub mod wire;

@@ -1,0 +1,131 @@
+//! Answering a poll: read the store from the session's position, and if there
+//! is no news, wait in the hub until there is, the hold ends, a newer poll of
+//! the session takes over, the session is revoked or the node shuts down.
+
+use crate::app::App;
+use crate::http::error::ApiError;
+use crate::hub::Wake;
+use crate::metrics::Outcome;
+use crate::session::{Session, SessionError};
+use crate::store::StoredMessage;
+use crate::wire::{PollAnswer, WireMessage, MAX_MESSAGES_PER_ANSWER};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A validated poll.
+pub struct PollRequest {
+    pub session: Session,
+    /// The position from the client's cursor; `None` for cursor-less clients.
+    pub cursor: Option<i64>,
+    pub timeout: Duration,
+}
+
+const CURSOR_PREFIX: &str = "1.";
+
+pub fn encode_cursor(seq: i64) -> String {
+    format!("{CURSOR_PREFIX}{seq}")
+}
+
+pub fn decode_cursor(s: &str) -> Result<i64, ApiError> {
+    s.strip_prefix(CURSOR_PREFIX)
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::BadRequest("cursor is not one this server issued".into()))
+}
+
+pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError> {
+    let PollRequest {
+        session,
+        cursor,
+        timeout,
+    } = req;
+    let after = match cursor {
+        Some(seq) => seq,
+        None => app.store.position(&session.key).await?.unwrap_or(0),
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Park before reading, so a commit between the read and the wait
+        // still wakes this poll.
+        let mut parked = app.hub.park(&session.user, &session.key);
+        let mut found = app
+            .store
+            .fetch(
+                &session.user,
+                after,
+                session.start_ms,
+                MAX_MESSAGES_PER_ANSWER as u32 + 1,
+            )
+            .await?;
+        if !found.is_empty() {
+            drop(parked);
+            let more = found.len() > MAX_MESSAGES_PER_ANSWER;
+            found.truncate(MAX_MESSAGES_PER_ANSWER);
+            return deliver(app, &session, cursor.is_none(), found, more).await;
+        }
+        if timeout.is_zero() {
+            return Ok(empty(app, after, Outcome::timeout));
+        }
+        tokio::select! {
+            wake = parked.woken() => match wake {
+                Wake::News => continue,
+                Wake::Superseded => return Ok(empty(app, after, Outcome::superseded)),
+                Wake::ShuttingDown => return Ok(empty(app, after, Outcome::shutdown)),
+                Wake::Revoked => {
+                    app.metrics.answered(Outcome::error);
+                    return Err(SessionError::Revoked.into());
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => return Ok(empty(app, after, Outcome::timeout)),
+        }
+    }
+}
+
+fn empty(app: &App, after: i64, outcome: Outcome) -> PollAnswer {
+    app.metrics.answered(outcome);
+    PollAnswer {
+        c: 0,
+        msg: Vec::new(),
+        cursor: encode_cursor(after),
+        more: false,
+    }
+}
+
+async fn deliver(
+    app: &App,
+    session: &Session,
+    keep_position: bool,
+    found: Vec<StoredMessage>,
+    more: bool,
+) -> Result<PollAnswer, ApiError> {
+    let last = found.last().map(|m| m.seq).unwrap_or_default();
+    if keep_position {
+        app.store
+            .save_position(&session.key, &session.user, last, crate::clock::now_ms())
+            .await?;
+    }
+    let now = crate::clock::now_ms();
+    let mut msg = Vec::with_capacity(found.len());
+    for m in found {
+        app.metrics
+            .delivery_latency
+            .observe((now - m.visible_ms).max(0) as f64 / 1000.0);
+        let data = serde_json::value::RawValue::from_string(m.data).map_err(|e| {
+            ApiError::Internal(anyhow::anyhow!("stored data of {} is not JSON: {e}", m.id))
+        })?;
+        msg.push(WireMessage {
+            id: m.id,
+            kind: m.kind,
+            time: m.accepted_ms,
+            data,
+        });
+    }
+    app.metrics.delivered.inc_by(msg.len() as u64);
+    app.metrics.answered(Outcome::message);
+    Ok(PollAnswer {
+        c: msg.len(),
+        msg,
+        cursor: encode_cursor(last),
+        more,
+    })
+}

@@ -1,0 +1,36 @@
+//! Retention: the background purge that keeps the store to its policy (per
+//! user the newest N messages, none older than the maximum age), and drops
+//! dedup keys, positions and revocations that have outlived it.
+
+use crate::session::SessionValidator;
+use crate::shutdown::Shutdown;
+use crate::store::{RetentionPolicy, SharedStore};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn run(
+    store: SharedStore,
+    sessions: Arc<SessionValidator>,
+    policy: RetentionPolicy,
+    every: Duration,
+    shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait() => return,
+        }
+        let now = crate::clock::now_ms();
+        match store.purge(policy, now).await {
+            Ok(r) => tracing::debug!(
+                messages = r.messages,
+                dedup_keys = r.dedup_keys,
+                positions = r.positions,
+                revocations = r.revocations,
+                "retention purge"
+            ),
+            Err(e) => tracing::warn!(error = %e, "retention purge failed"),
+        }
+        sessions.forget_expired(now);
+    }
+}

@@ -1,0 +1,177 @@
+//! The message store: where accepted messages, dedup keys, session positions
+//! and revocations live. One trait, [`MessageStore`], with SQLite (the embedded
+//! default) and PostgreSQL (the cluster store) behind it.
+//!
+//! Invariants every implementation keeps:
+//! - `accept` returns only once its messages are durable; a batch is stored
+//!   whole or not at all.
+//! - Per mailbox, the `seq` of visible messages grows in commit order, so a
+//!   reader that has seen `seq = n` never later finds a new message below `n`.
+//! - A delayed message gets its `seq` when it becomes due, not when accepted.
+
+mod sqlite;
+
+pub use sqlite::sqlite_path;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// A message as handed to the store by an ingest path, already validated.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub user: String,
+    pub kind: i64,
+    /// The `data` object, as compact JSON text.
+    pub data: String,
+    pub dedup_key: Option<String>,
+    pub delay_ms: u64,
+}
+
+/// What became of one message of an `accept` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored; `visible` is false when it waits for its delay.
+    Stored { id: String, visible: bool },
+    /// The (user, dedupKey) was already stored as message `id`.
+    Duplicate { id: String },
+}
+
+/// A visible message as read back for a poll answer.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub seq: i64,
+    pub id: String,
+    pub kind: i64,
+    pub accepted_ms: i64,
+    pub visible_ms: i64,
+    /// The `data` object, as JSON text.
+    pub data: String,
+}
+
+/// The revocations in force, loaded once at start and then kept in memory.
+#[derive(Debug, Default, Clone)]
+pub struct Revocations {
+    /// (jti, expires_ms)
+    pub sessions: Vec<(String, i64)>,
+    /// (mailbox, revoked_ms)
+    pub mailboxes: Vec<(String, i64)>,
+}
+
+/// How long things are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionPolicy {
+    pub max_messages_per_user: u32,
+    pub max_age_ms: i64,
+}
+
+/// What one purge removed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PurgeReport {
+    pub messages: u64,
+    pub dedup_keys: u64,
+    pub positions: u64,
+    pub revocations: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("store error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("store writer stopped")]
+    WriterGone,
+}
+
+impl StoreError {
+    /// Errors that mean "try again later" rather than "this request is wrong".
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) | StoreError::WriterGone => true,
+            StoreError::Database(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::WorkerCrashed
+            ),
+            StoreError::Migrate(_) => false,
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Store a batch durably, all or nothing; one outcome per message, in order.
+    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Vec<Accepted>>;
+
+    /// Visible messages of `user` with `seq > after_seq` and `visible_ms >=
+    /// since_ms`, oldest first, at most `limit`.
+    async fn fetch(
+        &self,
+        user: &str,
+        after_seq: i64,
+        since_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>>;
+
+    /// Make every delayed message due by `now_ms` visible; returns the users
+    /// that got news.
+    async fn release_due(&self, now_ms: i64) -> StoreResult<Vec<String>>;
+
+    /// When the next delayed message comes due, if any waits.
+    async fn next_due(&self) -> StoreResult<Option<i64>>;
+
+    /// The position a cursor-less session has read up to.
+    async fn position(&self, session: &str) -> StoreResult<Option<i64>>;
+    async fn save_position(
+        &self,
+        session: &str,
+        user: &str,
+        seq: i64,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+
+    async fn revoke_session(&self, jti: &str, expires_ms: i64) -> StoreResult<()>;
+    async fn revoke_mailbox(&self, user: &str, revoked_ms: i64) -> StoreResult<()>;
+    async fn revocations(&self, now_ms: i64) -> StoreResult<Revocations>;
+
+    /// Apply the retention policy.
+    async fn purge(&self, policy: RetentionPolicy, now_ms: i64) -> StoreResult<PurgeReport>;
+
+    /// Count of visible and delayed messages held (for stats).
+    async fn message_count(&self) -> StoreResult<i64>;
+
+    /// Cheap round trip, for readiness.
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+pub type SharedStore = Arc<dyn MessageStore>;
+
+/// Open the store named by a database URL, running its migrations.
+pub async fn open(database_url: &str) -> StoreResult<SharedStore> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(database_url).await?))
+    } else {
+        Err(StoreError::Database(sqlx::Error::Configuration(
+            format!(
+                "unsupported database URL scheme in {:?}: use sqlite:// (or postgres:// once enabled)",
+                database_url.split(':').next().unwrap_or_default()
+            )
+            .into(),
+        )))
+    }
+}
+
+/// A fresh message id: 128 random bits, URL-safe.
+pub fn new_message_id() -> String {
+    use base64::Engine;
+    let bytes: [u8; 16] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}

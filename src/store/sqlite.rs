@@ -1,0 +1,560 @@
+//! SQLite store, the embedded default.
+//!
+//! SQLite allows one writer at a time, so every write goes through one task
+//! that owns the write connection. It takes whatever writes are queued, runs
+//! them in a single transaction (each in a savepoint of its own, so one bad
+//! write does not sink its neighbours) and answers them after the commit: many
+//! concurrent notifies share one fsync. Reads use a separate pool of
+//! connections, which WAL mode lets run beside the writer.
+
+use super::{
+    new_message_id, Accepted, MessageStore, NewMessage, PurgeReport, RetentionPolicy, Revocations,
+    StoreError, StoreResult, StoredMessage,
+};
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Writes waiting at most in the writer's queue before callers wait their turn.
+const WRITE_QUEUE: usize = 4096;
+/// Writes committed together at most.
+const WRITES_PER_COMMIT: usize = 512;
+
+pub struct SqliteStore {
+    reads: SqlitePool,
+    writes: mpsc::Sender<WriteOp>,
+}
+
+enum WriteOp {
+    Accept {
+        batch: Vec<NewMessage>,
+        now_ms: i64,
+        reply: oneshot::Sender<StoreResult<Vec<Accepted>>>,
+    },
+    ReleaseDue {
+        now_ms: i64,
+        reply: oneshot::Sender<StoreResult<Vec<String>>>,
+    },
+    SavePosition {
+        session: String,
+        user: String,
+        seq: i64,
+        now_ms: i64,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+    RevokeSession {
+        jti: String,
+        expires_ms: i64,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+    RevokeMailbox {
+        user: String,
+        revoked_ms: i64,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+    Purge {
+        policy: RetentionPolicy,
+        now_ms: i64,
+        reply: oneshot::Sender<StoreResult<PurgeReport>>,
+    },
+}
+
+/// The file path inside `sqlite://path`, `sqlite:///abs/path` or `sqlite:path`.
+pub fn sqlite_path(url: &str) -> PathBuf {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let rest = rest.split('?').next().unwrap_or(rest);
+    PathBuf::from(rest)
+}
+
+impl SqliteStore {
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let path = sqlite_path(url);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before the 202 goes out. Group commit
+            // in the writer keeps the fsyncs few.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-16000");
+        let mut writer = SqliteConnection::connect_with(&options).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut writer)
+            .await?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(run_writer(writer, rx));
+        Ok(SqliteStore { reads, writes: tx })
+    }
+
+    async fn write<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
+    ) -> StoreResult<T> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+/// The single writer: drains the queue into one transaction per round.
+async fn run_writer(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
+    while rx.recv_many(&mut ops, WRITES_PER_COMMIT).await > 0 {
+        // Purges can be long; they get a round of their own.
+        if let Some(pos) = ops
+            .iter()
+            .position(|op| matches!(op, WriteOp::Purge { .. }))
+        {
+            let rest = ops.split_off(pos + 1);
+            let purge = ops.pop();
+            if !ops.is_empty() {
+                commit_round(&mut conn, std::mem::take(&mut ops)).await;
+            }
+            if let Some(purge) = purge {
+                commit_round(&mut conn, vec![purge]).await;
+            }
+            ops = rest;
+            if ops.is_empty() {
+                continue;
+            }
+        }
+        commit_round(&mut conn, std::mem::take(&mut ops)).await;
+    }
+}
+
+/// A reply held back until the round's commit is known.
+enum Done {
+    Accept(
+        oneshot::Sender<StoreResult<Vec<Accepted>>>,
+        StoreResult<Vec<Accepted>>,
+    ),
+    Users(
+        oneshot::Sender<StoreResult<Vec<String>>>,
+        StoreResult<Vec<String>>,
+    ),
+    Unit(oneshot::Sender<StoreResult<()>>, StoreResult<()>),
+    Purge(
+        oneshot::Sender<StoreResult<PurgeReport>>,
+        StoreResult<PurgeReport>,
+    ),
+}
+
+impl Done {
+    fn send(self, commit: &Result<(), String>) {
+        fn pick<T>(r: StoreResult<T>, commit: &Result<(), String>) -> StoreResult<T> {
+            match commit {
+                Ok(()) => r,
+                Err(e) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                    "commit failed: {e}"
+                )))),
+            }
+        }
+        // A caller that went away no longer needs its answer.
+        match self {
+            Done::Accept(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Users(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Purge(tx, r) => drop(tx.send(pick(r, commit))),
+        }
+    }
+}
+
+async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>) {
+    let mut done = Vec::with_capacity(ops.len());
+    let commit = match conn.begin().await {
+        Err(e) => Err(e.to_string()),
+        Ok(mut tx) => {
+            for op in ops {
+                done.push(apply_in_savepoint(&mut tx, op).await);
+            }
+            tx.commit().await.map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "sqlite commit failed");
+    }
+    for d in done {
+        d.send(&commit);
+    }
+}
+
+async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp) -> Done {
+    // Runs `$body` (an expression using the connection `$c`) in a savepoint.
+    macro_rules! in_savepoint {
+        ($c:ident => $body:expr) => {{
+            match conn.begin().await {
+                Err(e) => Err(StoreError::from(e)),
+                Ok(mut sp) => {
+                    let $c: &mut SqliteConnection = &mut sp;
+                    let result: StoreResult<_> = $body.await;
+                    match result {
+                        Ok(v) => sp.commit().await.map(|_| v).map_err(StoreError::from),
+                        Err(e) => {
+                            let _ = sp.rollback().await;
+                            Err(e)
+                        }
+                    }
+                }
+            }
+        }};
+    }
+    match op {
+        WriteOp::Accept {
+            batch,
+            now_ms,
+            reply,
+        } => Done::Accept(reply, in_savepoint!(c => insert_batch(c, batch, now_ms))),
+        WriteOp::ReleaseDue { now_ms, reply } => {
+            Done::Users(reply, in_savepoint!(c => release_due(c, now_ms)))
+        }
+        WriteOp::SavePosition {
+            session,
+            user,
+            seq,
+            now_ms,
+            reply,
+        } => {
+            let q = sqlx::query(
+                "INSERT INTO session_positions (session, mailbox, seq, updated_ms) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (session) DO UPDATE SET seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms",
+            )
+            .bind(session)
+            .bind(user)
+            .bind(seq)
+            .bind(now_ms);
+            Done::Unit(reply, in_savepoint!(c => execute(c, q)))
+        }
+        WriteOp::RevokeSession {
+            jti,
+            expires_ms,
+            reply,
+        } => {
+            let q = sqlx::query(
+                "INSERT INTO revoked_sessions (jti, expires_ms) VALUES (?, ?)
+                 ON CONFLICT (jti) DO UPDATE SET expires_ms = max(expires_ms, excluded.expires_ms)",
+            )
+            .bind(jti)
+            .bind(expires_ms);
+            Done::Unit(reply, in_savepoint!(c => execute(c, q)))
+        }
+        WriteOp::RevokeMailbox {
+            user,
+            revoked_ms,
+            reply,
+        } => {
+            let q = sqlx::query(
+                "INSERT INTO revoked_mailboxes (mailbox, revoked_ms) VALUES (?, ?)
+                 ON CONFLICT (mailbox) DO UPDATE SET revoked_ms = max(revoked_ms, excluded.revoked_ms)",
+            )
+            .bind(user)
+            .bind(revoked_ms);
+            Done::Unit(reply, in_savepoint!(c => execute(c, q)))
+        }
+        WriteOp::Purge {
+            policy,
+            now_ms,
+            reply,
+        } => Done::Purge(reply, in_savepoint!(c => purge(c, policy, now_ms))),
+    }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+async fn execute(conn: &mut SqliteConnection, query: SqliteQuery<'_>) -> StoreResult<()> {
+    query.execute(conn).await?;
+    Ok(())
+}
+
+async fn insert_batch(
+    conn: &mut SqliteConnection,
+    batch: Vec<NewMessage>,
+    now_ms: i64,
+) -> StoreResult<Vec<Accepted>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for m in batch {
+        let id = new_message_id();
+        if let Some(key) = &m.dedup_key {
+            let fresh = sqlx::query(
+                "INSERT INTO dedup_keys (mailbox, dedup_key, id, created_ms) VALUES (?, ?, ?, ?)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&m.user)
+            .bind(key)
+            .bind(&id)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+                == 1;
+            if !fresh {
+                let existing: String = sqlx::query_scalar(
+                    "SELECT id FROM dedup_keys WHERE mailbox = ? AND dedup_key = ?",
+                )
+                .bind(&m.user)
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await?;
+                out.push(Accepted::Duplicate { id: existing });
+                continue;
+            }
+        }
+        if m.delay_ms == 0 {
+            sqlx::query(
+                "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&id)
+            .bind(&m.user)
+            .bind(m.kind)
+            .bind(&m.data)
+            .bind(now_ms)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await?;
+            out.push(Accepted::Stored { id, visible: true });
+        } else {
+            let due = now_ms.saturating_add(i64::try_from(m.delay_ms).unwrap_or(i64::MAX));
+            sqlx::query(
+                "INSERT INTO delayed_messages (id, mailbox, type, data, accepted_ms, due_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&id)
+            .bind(&m.user)
+            .bind(m.kind)
+            .bind(&m.data)
+            .bind(now_ms)
+            .bind(due)
+            .execute(&mut *conn)
+            .await?;
+            out.push(Accepted::Stored { id, visible: false });
+        }
+    }
+    Ok(out)
+}
+
+async fn release_due(conn: &mut SqliteConnection, now_ms: i64) -> StoreResult<Vec<String>> {
+    sqlx::query(
+        "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms)
+         SELECT id, mailbox, type, data, accepted_ms, ? FROM delayed_messages
+         WHERE due_ms <= ? ORDER BY due_ms, accepted_ms",
+    )
+    .bind(now_ms)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    let users: Vec<String> =
+        sqlx::query_scalar("DELETE FROM delayed_messages WHERE due_ms <= ? RETURNING mailbox")
+            .bind(now_ms)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut users = users;
+    users.sort_unstable();
+    users.dedup();
+    Ok(users)
+}
+
+async fn purge(
+    conn: &mut SqliteConnection,
+    policy: RetentionPolicy,
+    now_ms: i64,
+) -> StoreResult<PurgeReport> {
+    let cutoff = now_ms - policy.max_age_ms;
+    let mut report = PurgeReport::default();
+    report.messages += sqlx::query("DELETE FROM messages WHERE visible_ms < ?")
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    report.messages += sqlx::query(
+        "DELETE FROM messages WHERE seq IN (
+            SELECT seq FROM (
+                SELECT seq, row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
+                FROM messages
+            ) WHERE rn > ?
+        )",
+    )
+    .bind(i64::from(policy.max_messages_per_user))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    report.dedup_keys = sqlx::query("DELETE FROM dedup_keys WHERE created_ms < ?")
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    report.positions = sqlx::query("DELETE FROM session_positions WHERE updated_ms < ?")
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    report.revocations = sqlx::query("DELETE FROM revoked_sessions WHERE expires_ms < ?")
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(report)
+}
+
+#[async_trait]
+impl MessageStore for SqliteStore {
+    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Vec<Accepted>> {
+        self.write(|reply| WriteOp::Accept {
+            batch,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn fetch(
+        &self,
+        user: &str,
+        after_seq: i64,
+        since_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let rows = sqlx::query(
+            "SELECT seq, id, type, accepted_ms, visible_ms, data FROM messages
+             WHERE mailbox = ? AND seq > ? AND visible_ms >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(user)
+        .bind(after_seq)
+        .bind(since_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredMessage {
+                    seq: r.try_get(0)?,
+                    id: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    accepted_ms: r.try_get(3)?,
+                    visible_ms: r.try_get(4)?,
+                    data: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn release_due(&self, now_ms: i64) -> StoreResult<Vec<String>> {
+        self.write(|reply| WriteOp::ReleaseDue { now_ms, reply })
+            .await
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT min(due_ms) FROM delayed_messages")
+                .fetch_one(&self.reads)
+                .await?,
+        )
+    }
+
+    async fn position(&self, session: &str) -> StoreResult<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT seq FROM session_positions WHERE session = ?")
+                .bind(session)
+                .fetch_optional(&self.reads)
+                .await?,
+        )
+    }
+
+    async fn save_position(
+        &self,
+        session: &str,
+        user: &str,
+        seq: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let (session, user) = (session.to_owned(), user.to_owned());
+        self.write(|reply| WriteOp::SavePosition {
+            session,
+            user,
+            seq,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn revoke_session(&self, jti: &str, expires_ms: i64) -> StoreResult<()> {
+        let jti = jti.to_owned();
+        self.write(|reply| WriteOp::RevokeSession {
+            jti,
+            expires_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn revoke_mailbox(&self, user: &str, revoked_ms: i64) -> StoreResult<()> {
+        let user = user.to_owned();
+        self.write(|reply| WriteOp::RevokeMailbox {
+            user,
+            revoked_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn revocations(&self, now_ms: i64) -> StoreResult<Revocations> {
+        let sessions =
+            sqlx::query_as("SELECT jti, expires_ms FROM revoked_sessions WHERE expires_ms >= ?")
+                .bind(now_ms)
+                .fetch_all(&self.reads)
+                .await?;
+        let mailboxes = sqlx::query_as("SELECT mailbox, revoked_ms FROM revoked_mailboxes")
+            .fetch_all(&self.reads)
+            .await?;
+        Ok(Revocations {
+            sessions,
+            mailboxes,
+        })
+    }
+
+    async fn purge(&self, policy: RetentionPolicy, now_ms: i64) -> StoreResult<PurgeReport> {
+        self.write(|reply| WriteOp::Purge {
+            policy,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn message_count(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM messages) + (SELECT count(*) FROM delayed_messages)",
+        )
+        .fetch_one(&self.reads)
+        .await?)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reads)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::Unavailable)
+    }
+}
