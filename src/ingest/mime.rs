@@ -23,6 +23,8 @@ pub const SNIPPET_CHARS: usize = 200;
 const MAX_DEPTH: usize = 16;
 /// Most body parts of one multipart that are looked at.
 const MAX_PARTS: usize = 256;
+/// Most parameters of one header field that are read.
+const MAX_PARAMS: usize = 64;
 /// Most bytes of one (still transfer-encoded) text part that are decoded.
 const MAX_TEXT_BYTES: usize = 1 << 20;
 
@@ -121,7 +123,10 @@ pub fn decode_header_value(raw: &str) -> String {
                     out.push_str(between);
                 }
                 match &mut pending {
-                    Some((charset, bytes)) if charset.eq_ignore_ascii_case(&word.charset) => {
+                    Some((charset, bytes))
+                        if charset.eq_ignore_ascii_case(&word.charset)
+                            && !is_stateful(&word.charset) =>
+                    {
                         bytes.extend_from_slice(&word.bytes)
                     }
                     _ => {
@@ -509,6 +514,9 @@ fn parse_params(value: &str) -> (String, Vec<(String, String)>) {
         };
         if !name.is_empty() {
             raw.push((name, value));
+            if raw.len() >= MAX_PARAMS {
+                break;
+            }
         }
     }
     (main.trim().to_ascii_lowercase(), merge_rfc2231(raw))
@@ -975,14 +983,13 @@ fn lookup_charset(label: &str) -> Charset {
         "utf-7" | "utf7" | "unicode-1-1-utf-7" | "csunicode11utf7" | "x-utf-7" => {
             return Charset::Utf7
         }
-        "cp936" | "ms936" | "windows-936" | "euc-cn" | "x-euc-cn" | "gb-2312" | "gb2312-80" => {
-            "gbk"
-        }
+        "cp936" | "ms936" | "windows-936" | "euc-cn" | "euc_cn" | "x-euc-cn" | "eucgb2312_cn"
+        | "euc-gb2312-cn" | "gb-2312" | "gb2312-80" => "gbk",
         "cp932" | "windows-932" | "x-ms-cp932" | "shift-jisx0213" | "shift_jisx0213" => "shift_jis",
         "iso-2022-jp-1" | "iso-2022-jp-2" | "iso-2022-jp-3" | "iso-2022-jp-ext"
         | "csiso2022jp2" => "iso-2022-jp",
-        "big5hkscs" | "big5_hkscs" | "cp950" | "ms950" | "windows-950" | "x-big5" | "big-5"
-        | "big-five" => "big5",
+        "big5hkscs" | "big5_hkscs" | "big5-tw" | "big5_tw" | "cp950" | "ms950" | "windows-950"
+        | "x-big5" | "big-5" | "big-five" => "big5",
         "cp949" | "ms949" | "uhc" | "ks_c_5601" | "ks_c_5601-1989" | "windows-949"
         | "x-windows-949" => "euc-kr",
         "latin-1" => "iso-8859-1",
@@ -1147,6 +1154,9 @@ fn html_to_text(html: &str) -> String {
     let mut out = String::with_capacity(html.len() / 2);
     let mut i = 0;
     let mut text_start = 0;
+    // Elements whose end tag was searched for and is not there (searching
+    // again for each start tag would be quadratic).
+    let mut unclosed: Vec<String> = Vec::new();
     while i < b.len() {
         if b[i] != b'<' {
             i += 1;
@@ -1175,13 +1185,20 @@ fn html_to_text(html: &str) -> String {
                 out.push(' ');
             }
             let self_closing = end >= 2 && b[end - 2] == b'/';
-            if !closing && !self_closing && SKIPPED_ELEMENTS.contains(&name.as_str()) {
+            if !closing
+                && !self_closing
+                && SKIPPED_ELEMENTS.contains(&name.as_str())
+                && !unclosed.contains(&name)
+            {
                 let close = format!("</{name}");
                 match find_ignore_case(b, end, close.as_bytes()) {
                     Some(p) => tag_end(b, p + close.len()),
                     // Unclosed script or style: the rest is not text.
                     None if name == "script" || name == "style" => b.len(),
-                    None => end,
+                    None => {
+                        unclosed.push(name);
+                        end
+                    }
                 }
             } else {
                 end
@@ -1413,14 +1430,16 @@ fn named_entity(name: &str) -> Option<char> {
     })
 }
 
-/// Plain text without quoted lines (`> …`) and the attribution line right
-/// before them (`On …, X wrote:`), unless nothing else is left.
+/// Plain text without quoted lines (`> …`), the attribution line right
+/// before them (`On …, X wrote:`) and the signature (after a `-- ` line),
+/// unless nothing else is left.
 fn strip_quoted(text: &str) -> Cow<'_, str> {
-    let lines: Vec<&str> = text.lines().collect();
     let quoted = |l: &str| l.starts_with('>');
-    if !lines.iter().any(|l| quoted(l)) {
+    let signature = |l: &str| l.strip_suffix('\r').unwrap_or(l) == "-- ";
+    if !text.lines().any(|l| quoted(l) || signature(l)) {
         return Cow::Borrowed(text);
     }
+    let lines: Vec<&str> = text.lines().take_while(|l| !signature(l)).collect();
     let mut kept = String::with_capacity(text.len());
     for (i, line) in lines.iter().enumerate() {
         if quoted(line) {
@@ -1505,6 +1524,17 @@ fn parse_encoded_word(s: &str, start: usize) -> Option<EncodedWord> {
         bytes,
         end: text_end + 2,
     })
+}
+
+/// A charset whose words must each be decoded alone: ISO-2022-JP and UTF-7
+/// words each end in the initial state, and joined they would read as an
+/// empty shift sequence.
+fn is_stateful(label: &str) -> bool {
+    match lookup_charset(label) {
+        Charset::Utf7 => true,
+        Charset::Known(e) => e == encoding_rs::ISO_2022_JP,
+        Charset::Unknown => false,
+    }
 }
 
 fn flush_word(pending: &mut Option<(String, Vec<u8>)>, out: &mut String) {
@@ -1865,6 +1895,18 @@ mod tests {
         assert_eq!(
             decode_header_value("=?ISO-2022-JP?B?GyRCRnxLXDhsJE4lRiU5JUgbKEI=?="),
             "日本語のテスト"
+        );
+        // Two ISO-2022-JP words, each ending back in ASCII (as Python and
+        // most mailers fold long subjects).
+        assert_eq!(
+            decode_header_value(
+                "=?iso-2022-jp?b?GyRCRnxLXBsoQg==?=\r\n =?iso-2022-jp?b?GyRCOGwkThsoQg==?="
+            ),
+            "日本語の"
+        );
+        assert_eq!(
+            decode_header_value("=?eucgb2312_cn?b?1tDOxA==?= =?big5_tw?b?tPq41Q==?="),
+            "中文測試"
         );
         assert_eq!(decode_header_value("=?shift_jis?B?k/qWe4zq?="), "日本語");
         assert_eq!(decode_header_value("=?koi8-r?B?8NLJ18XU?="), "Привет");
@@ -2328,6 +2370,11 @@ JVBERi0xLjQK\n\
         assert_eq!(m.snippet, "Sounds good, see you at noon.");
         let m = summary("From: a@example.com\n\n> only quoted text\n");
         assert_eq!(m.snippet, "> only quoted text");
+        let m =
+            summary("From: a@example.com\n\nSee you.\nBob\n-- \nBob Smith | ACME | +1 555 0100\n");
+        assert_eq!(m.snippet, "See you. Bob");
+        let m = summary("From: a@example.com\n\n-- \nonly a signature\n");
+        assert_eq!(m.snippet, "-- only a signature");
     }
 
     #[test]
@@ -2419,6 +2466,30 @@ JVBERi0xLjQK\n\
             "From sender@example.com Mon Jan  1 00:00:00 2024\nnot a header\nSubject: ok\n\nbody\n",
         );
         assert_eq!(m.subject.as_deref(), Some("ok"));
+    }
+
+    #[test]
+    fn pathological_inputs_stay_linear() {
+        let started = std::time::Instant::now();
+        let html = format!("<p>x</p>{}", "<title>".repeat(100_000));
+        assert_eq!(make_snippet(&html_to_text(&html), 20), "x");
+        let ct = format!("text/plain; {}charset=utf-8", "a*1*=b; ".repeat(50_000));
+        let _ = parse_params(&ct);
+        let words = "=?utf-8?q?a?= ".repeat(50_000);
+        assert_eq!(decode_header_value(&words).len(), 50_000);
+        let mut big = b"Subject: big\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\n\r\n".to_vec();
+        big.extend(
+            std::iter::repeat_n(
+                b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n".as_slice(),
+                100_000,
+            )
+            .flatten(),
+        );
+        big.extend_from_slice(
+            b"--b\r\nContent-Type: text/plain\r\n\r\nafter the blob\r\n--b--\r\n",
+        );
+        assert_eq!(summarize(&big).expect("parses").snippet, "after the blob");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
     }
 
     #[test]

@@ -1,0 +1,239 @@
+//! The harness: starts the real `pns` binary on ephemeral ports with its data
+//! in a temp dir, and talks to it over HTTP like users do.
+
+#![allow(dead_code)]
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    child: Child,
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    pub dir: PathBuf,
+    env: Vec<(String, String)>,
+    pub http: reqwest::Client,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Server {
+    /// A server on SQLite in a fresh temp dir, with default settings.
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// A server with extra `PNS_*` environment variables.
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut s = Server::spawn(dir, env);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    fn spawn(dir: PathBuf, env: Vec<(String, String)>) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pns"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PNS_LOG", "info")
+            .env("PNS_LISTEN", "127.0.0.1:0")
+            .env("PNS_INTERNAL_LISTEN", "127.0.0.1:0")
+            .env(
+                "PNS_DATABASE_URL",
+                format!("sqlite://{}/pns.db", dir.display()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start pns");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("PNS_TEST_LOG").is_some() {
+                    eprintln!("[pns] {line}");
+                }
+                if !sent && line.contains("pns listening") {
+                    let _ = tx.send(line);
+                    sent = true;
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("pns did not start listening");
+        let addr = |key: &str| -> SocketAddr {
+            let at = line.find(key).expect("address in log") + key.len();
+            line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        Server {
+            public: addr("public="),
+            internal: addr("internal="),
+            child,
+            dir,
+            env,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
+            _tmp: None,
+        }
+    }
+
+    /// Stop with SIGKILL and start again on the same data.
+    pub fn kill9_and_restart(mut self) -> Server {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let tmp = self._tmp.take();
+        let mut s = Server::spawn(self.dir.clone(), self.env.clone());
+        s._tmp = tmp;
+        s
+    }
+
+    /// Send SIGTERM; returns the exit code and how long the exit took.
+    pub fn sigterm(&mut self) -> (Option<i32>, Duration) {
+        let t = Instant::now();
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        (status.code(), t.elapsed())
+    }
+
+    pub fn secret_file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn internal_token(&self) -> String {
+        self.secret_file("internal_token")
+    }
+
+    /// A session token for `user`, minted like `pns token` does.
+    pub fn sid(&self, user: &str) -> String {
+        pns::session::mint(self.secret_file("jwt_secret").as_bytes(), user, 3600, None).unwrap()
+    }
+
+    pub fn public_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.public, path)
+    }
+
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.internal, path)
+    }
+
+    /// `GET /pns/poll?sid=…&<query>`
+    pub async fn poll(&self, sid: &str, query: &str) -> Answer {
+        let url = self.public_url(&format!("/pns/poll?sid={sid}&{query}"));
+        answer(self.http.get(url).send().await.unwrap()).await
+    }
+
+    /// `POST /internal/v1/notify` with the internal token.
+    pub async fn notify(&self, body: Value) -> Answer {
+        self.internal_post("/internal/v1/notify", body).await
+    }
+
+    pub async fn internal_post(&self, path: &str, body: Value) -> Answer {
+        let r = self
+            .http
+            .post(self.internal_url(path))
+            .bearer_auth(self.internal_token())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        answer(r).await
+    }
+
+    pub async fn internal_get(&self, path: &str) -> Answer {
+        let r = self
+            .http
+            .get(self.internal_url(path))
+            .bearer_auth(self.internal_token())
+            .send()
+            .await
+            .unwrap();
+        answer(r).await
+    }
+
+    /// A new-mail message for `user` with `subject`.
+    pub async fn mail(&self, user: &str, subject: &str) -> Answer {
+        let a = self.notify(mail(user, subject)).await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "notify failed: {}", a.body);
+        a
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn mail(user: &str, subject: &str) -> Value {
+    json!({"user": user, "type": 70, "data": {"folder": "INBOX", "subject": subject}})
+}
+
+pub async fn answer(r: reqwest::Response) -> Answer {
+    let status = r.status();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+impl Answer {
+    /// The subjects of the messages in a poll answer, in order.
+    pub fn subjects(&self) -> Vec<String> {
+        self.body["msg"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| m["data"]["subject"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn cursor(&self) -> String {
+        self.body["cursor"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub fn c(&self) -> u64 {
+        self.body["c"].as_u64().unwrap()
+    }
+}
+
+pub fn dir_exists(p: &Path) -> bool {
+    p.is_dir()
+}
