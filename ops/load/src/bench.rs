@@ -1,0 +1,638 @@
+//! The driver: for each target in turn, start the server, measure it idle,
+//! have the workers ramp up one held poll per user, measure it holding them,
+//! then run the notify phases and tally what arrived.
+//!
+//! The phases, each waiting until its messages arrived before the next:
+//!
+//! 1. *single*: every user is sent exactly one message, as fast as the
+//!    sender connections go (single notifies); its tally is the "all
+//!    delivered, none twice" check, its pace the single-notify throughput.
+//! 2. *rate*: a fixed rate of single notifies (1,000 a second by default),
+//!    each stamped with when it was due; the delivery latency figures.
+//! 3. *batch*: messages in batches (500 by default) as fast as they go.
+//!    Nchan has no batch publish, so there the same messages go as
+//!    concurrent single publishes.
+
+use crate::conn::{source_addr, Conn};
+use crate::report::{self, Phase, RatePhase, TargetReport};
+use crate::servers::{self, Server};
+use crate::stats;
+use crate::worker::{Cmd, Counts, Event, WorkerReport};
+use crate::{nchan, pns, Payload, TargetKind};
+use anyhow::{bail, Context};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::task::JoinSet;
+
+/// Polls one worker process holds at most by default: its open-file limit
+/// (20,000 on the reference machine) less a margin.
+const POLLS_PER_WORKER: u32 = 9_000;
+/// Phase numbers, as carried in [`Payload::p`].
+const SINGLE: u8 = 1;
+const RATE: u8 = 2;
+const BATCH: u8 = 3;
+/// Message numbers of a phase start at `phase * PHASE_SPAN`.
+const PHASE_SPAN: u64 = 100_000_000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// The servers to measure, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "pns,nchan")]
+    pub targets: Vec<TargetKind>,
+    /// Users, each holding one long poll.
+    #[arg(long, default_value_t = 19_000)]
+    pub users: u32,
+    /// Worker processes holding the polls (default: one per 9,000 polls).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// Connections sending notifies in the single and rate phases.
+    #[arg(long, default_value_t = 64)]
+    pub senders: usize,
+    /// Notifies a second in the rate phase.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u32,
+    /// Seconds the rate phase lasts.
+    #[arg(long, default_value_t = 10)]
+    pub rate_secs: u32,
+    /// Messages per batch in the batch phase.
+    #[arg(long, default_value_t = 500)]
+    pub batch: u32,
+    /// Messages in the batch phase (rounded up to whole batches).
+    #[arg(long, default_value_t = 50_000)]
+    pub batch_total: u32,
+    /// Batches in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub batch_concurrency: usize,
+    /// Seconds over which the idle CPU of the server is measured.
+    #[arg(long, default_value_t = 5)]
+    pub idle_secs: u64,
+    /// Longest wait for a ramp or for a phase's messages to arrive, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub phase_limit_secs: u64,
+    /// The pns binary (default: target/release/pns of this workspace).
+    #[arg(long)]
+    pub pns_bin: Option<PathBuf>,
+    #[arg(long, default_value = "nginx")]
+    pub nginx_bin: PathBuf,
+    /// The nginx config template (default: ops/nchan/nginx.conf).
+    #[arg(long)]
+    pub nchan_conf: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/lib/nginx/modules/ngx_nchan_module.so")]
+    pub nchan_module: PathBuf,
+    /// Skip Nchan, with a note, when nginx or the module is not installed.
+    #[arg(long)]
+    pub skip_missing_nchan: bool,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/load/report.json")]
+    pub out: PathBuf,
+    /// Where the servers keep their data (default: the temp dir).
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+}
+
+/// Returns whether every target delivered every message exactly once.
+pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
+    crate::raise_open_file_limit();
+    let mut targets = Vec::new();
+    let mut notes = Vec::new();
+    for &kind in &args.targets {
+        if kind == TargetKind::Nchan && !nchan_installed(&args) {
+            let note = format!(
+                "nchan skipped: {} or {} is missing (apt-get install nginx libnginx-mod-nchan)",
+                args.nginx_bin.display(),
+                args.nchan_module.display()
+            );
+            if !args.skip_missing_nchan {
+                bail!("{note}");
+            }
+            eprintln!("pns-load: {note}");
+            notes.push(note);
+            continue;
+        }
+        targets.push(measure(kind, &args).await?);
+    }
+    let run = report::Run::new(&args, targets, notes);
+    report::write_json(&args.out, &run)?;
+    println!("{}", report::summary_line(&run));
+    eprintln!("pns-load: report written to {}", args.out.display());
+    Ok(run.targets.iter().all(TargetReport::passed))
+}
+
+fn nchan_installed(args: &BenchArgs) -> bool {
+    let on_path = args.nginx_bin.is_absolute() && args.nginx_bin.exists()
+        || std::process::Command::new(&args.nginx_bin)
+            .arg("-v")
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+    on_path && args.nchan_module.exists()
+}
+
+/// Notifies as the target takes them.
+enum Ingest {
+    Pns(pns::Internal),
+    Nchan,
+}
+
+impl Ingest {
+    async fn one(&self, conn: &mut Conn, u: u32, data: Payload) -> anyhow::Result<()> {
+        match self {
+            Ingest::Pns(api) => api.notify(conn, &pns::user(u), data).await,
+            Ingest::Nchan => nchan::publish(conn, &nchan::channel(u), data).await,
+        }
+    }
+
+    async fn held(&self, conn: &mut Conn) -> anyhow::Result<u64> {
+        match self {
+            Ingest::Pns(api) => api.held(conn).await,
+            Ingest::Nchan => nchan::held(conn).await,
+        }
+    }
+}
+
+/// What a group of sender tasks did.
+#[derive(Default)]
+struct Sent {
+    acked: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Sent {
+    fn merge(&mut self, other: Sent) {
+        self.acked.extend(other.acked);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn note(&mut self, r: anyhow::Result<()>, ks: impl IntoIterator<Item = u64>) {
+        match r {
+            Ok(()) => self.acked.extend(ks),
+            Err(e) => {
+                self.errors += 1;
+                if self.first_error.is_none() {
+                    self.first_error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+}
+
+async fn measure(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<TargetReport> {
+    let name = kind.name();
+    let scratch = servers::scratch_dir(args.scratch.as_deref(), name);
+    let root = crate::repo_root();
+    let server = match kind {
+        TargetKind::Pns => {
+            let bin = args
+                .pns_bin
+                .clone()
+                .unwrap_or_else(|| root.join("target/release/pns"));
+            servers::start_pns(&bin, &scratch)?
+        }
+        TargetKind::Nchan => {
+            let conf = args
+                .nchan_conf
+                .clone()
+                .unwrap_or_else(|| root.join("ops/nchan/nginx.conf"));
+            servers::start_nchan(&args.nginx_bin, &conf, &args.nchan_module, &scratch).await?
+        }
+    };
+    let result = measure_server(kind, &server, args).await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result.with_context(|| format!("measuring {name}"))
+}
+
+async fn measure_server(
+    kind: TargetKind,
+    server: &Server,
+    args: &BenchArgs,
+) -> anyhow::Result<TargetReport> {
+    let name = kind.name();
+    let n = args.users;
+    let ingest = Arc::new(match kind {
+        TargetKind::Pns => Ingest::Pns(pns::Internal::new(&server.token)),
+        TargetKind::Nchan => Ingest::Nchan,
+    });
+    let octet = kind.source_octet() + 5;
+    let mut control = Conn::open(source_addr(octet, 999), server.ingest).await?;
+    let worker_count = args
+        .workers
+        .unwrap_or_else(|| n.div_ceil(POLLS_PER_WORKER))
+        .max(1);
+    let mut workers = Workers::spawn(kind, server, n, worker_count).await?;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pids = server.pids();
+    let (rss_idle, pss_idle) = (
+        crate::procstat::rss_kib(&pids),
+        crate::procstat::pss_kib(&pids),
+    );
+
+    eprintln!("pns-load: {name}: ramping up {n} held polls with {worker_count} worker(s)");
+    workers.tell(&Cmd::Hold).await?;
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(args.phase_limit_secs);
+    let mut held = 0;
+    let mut ramp = None;
+    while t0.elapsed() < limit {
+        held = ingest.held(&mut control).await?;
+        if held >= u64::from(n) {
+            ramp = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if ramp.is_none() {
+        let c = workers.counts().await?;
+        eprintln!(
+            "pns-load: {name}: only {held} of {n} polls held after {limit:?} ({} connected, {} errors)",
+            c.connected, c.errors
+        );
+    }
+
+    // Let the last answers and allocations settle before reading the RSS.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pids = server.pids();
+    let (rss_held, pss_held) = (
+        crate::procstat::rss_kib(&pids),
+        crate::procstat::pss_kib(&pids),
+    );
+    let idle_cpu = crate::procstat::cpu_percent(&pids, Duration::from_secs(args.idle_secs)).await;
+    eprintln!(
+        "pns-load: {name}: {held} held; RSS {rss_idle} → {rss_held} KiB; idle CPU {idle_cpu:.2}%"
+    );
+
+    let mut senders = open_senders(octet, server, args.senders).await?;
+    let mut expected = 0u64;
+
+    // 1. One message to every user, as fast as it goes.
+    let t = Instant::now();
+    let (conns, single) = send_singles(
+        ingest.clone(),
+        senders,
+        (0..n)
+            .map(|u| (u, SINGLE, phase_base(SINGLE) + u64::from(u)))
+            .collect(),
+        None,
+    )
+    .await;
+    senders = conns;
+    let single_secs = t.elapsed().as_secs_f64();
+    expected += single.acked.len() as u64;
+    workers
+        .await_delivery(expected, limit, name, "single")
+        .await?;
+
+    // 2. A fixed rate, each message stamped with when it was due.
+    let total = u64::from(args.rate) * u64::from(args.rate_secs);
+    let plan = (0..total)
+        .map(|i| {
+            let u = ((i * 7919 + 13) % u64::from(n)) as u32;
+            (u, RATE, phase_base(RATE) + i)
+        })
+        .collect();
+    let t = Instant::now();
+    let (conns, rate) = send_singles(ingest.clone(), senders, plan, Some(args.rate)).await;
+    senders = conns;
+    let rate_secs = t.elapsed().as_secs_f64();
+    expected += rate.acked.len() as u64;
+    workers
+        .await_delivery(expected, limit, name, "rate")
+        .await?;
+
+    // 3. Batches.
+    let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
+    let plan: Vec<(u32, u8, u64)> = (0..u64::from(batch_total))
+        .map(|i| ((i % u64::from(n)) as u32, BATCH, phase_base(BATCH) + i))
+        .collect();
+    let t = Instant::now();
+    let (batch, batch_mode) = match kind {
+        TargetKind::Pns => (send_batches(server, octet, args, plan).await?, "batches"),
+        TargetKind::Nchan => {
+            let (conns, sent) = send_singles(ingest.clone(), senders, plan, None).await;
+            senders = conns;
+            (sent, "single publishes (Nchan has no batch publish)")
+        }
+    };
+    let batch_secs = t.elapsed().as_secs_f64();
+    expected += batch.acked.len() as u64;
+    workers
+        .await_delivery(expected, limit, name, "batch")
+        .await?;
+    drop(senders);
+
+    let reports = workers.reports().await?;
+    workers.quit().await;
+
+    let mut receipts = Vec::new();
+    let mut latency: [Vec<u32>; 4] = Default::default();
+    let (mut poll_errors, mut first_poll_error) = (0, None);
+    for r in reports {
+        receipts.extend(r.receipts);
+        for (p, samples) in r.latency_us {
+            if let Some(slot) = latency.get_mut(usize::from(p)) {
+                slot.extend(samples);
+            }
+        }
+        poll_errors += r.errors;
+        first_poll_error = first_poll_error.or(r.first_error);
+    }
+    let seen = stats::count(&receipts);
+    let in_phase = |p: u8| move |k: u64| k / PHASE_SPAN == u64::from(p);
+    let mut all_acked = single.acked.clone();
+    all_acked.extend(&rate.acked);
+    all_acked.extend(&batch.acked);
+    let mut phase = |sent: &Sent, secs: f64, p: u8, mode: &'static str| Phase {
+        messages: sent.acked.len() as u64,
+        seconds: secs,
+        per_s: sent.acked.len() as f64 / secs.max(1e-9),
+        mode,
+        errors: sent.errors,
+        delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
+        latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
+    };
+    let single_phase = phase(&single, single_secs, SINGLE, "single notifies");
+    let rate_phase = phase(&rate, rate_secs, RATE, "single notifies at a fixed rate");
+    let batch_phase = phase(&batch, batch_secs, BATCH, batch_mode);
+    let first_send_error = single
+        .first_error
+        .clone()
+        .or(rate.first_error.clone())
+        .or(batch.first_error.clone());
+    let per_poll =
+        |idle: u64, held_kib: u64| (held_kib.saturating_sub(idle)) as f64 / f64::from(n.max(1));
+    Ok(TargetReport {
+        target: name,
+        users: n,
+        workers: worker_count,
+        held,
+        ramp_s: ramp,
+        rss_idle_kib: rss_idle,
+        rss_held_kib: rss_held,
+        rss_per_poll_kib: per_poll(rss_idle, rss_held),
+        pss_idle_kib: pss_idle,
+        pss_held_kib: pss_held,
+        pss_per_poll_kib: per_poll(pss_idle, pss_held),
+        idle_cpu_pct: idle_cpu,
+        single: single_phase,
+        rate: RatePhase {
+            target_per_s: args.rate,
+            phase: rate_phase,
+        },
+        batch: batch_phase,
+        delivery: stats::tally(&all_acked, &seen, |_| true),
+        poll_errors,
+        first_poll_error,
+        send_errors: single.errors + rate.errors + batch.errors,
+        first_send_error,
+    })
+}
+
+fn phase_base(p: u8) -> u64 {
+    u64::from(p) * PHASE_SPAN
+}
+
+async fn open_senders(octet: u8, server: &Server, count: usize) -> anyhow::Result<Vec<Conn>> {
+    let mut conns = Vec::with_capacity(count);
+    for i in 0..count {
+        conns.push(Conn::open(source_addr(octet, i as u32), server.ingest).await?);
+    }
+    Ok(conns)
+}
+
+/// Send `plan` (user, phase, message number) as single notifies over the
+/// sender connections, lane `j` taking every `conns.len()`-th message; with
+/// `rate`, message `i` is due at `i / rate` seconds and stamped with that time.
+async fn send_singles(
+    ingest: Arc<Ingest>,
+    conns: Vec<Conn>,
+    plan: Vec<(u32, u8, u64)>,
+    rate: Option<u32>,
+) -> (Vec<Conn>, Sent) {
+    let lanes = conns.len().max(1);
+    let plan = Arc::new(plan);
+    let start = tokio::time::Instant::now();
+    let start_ns = crate::mono_ns();
+    let mut tasks = JoinSet::new();
+    for (lane, mut conn) in conns.into_iter().enumerate() {
+        let (ingest, plan) = (ingest.clone(), plan.clone());
+        tasks.spawn(async move {
+            let mut sent = Sent::default();
+            for i in (lane..plan.len()).step_by(lanes) {
+                let (u, p, k) = plan[i];
+                let t = match rate {
+                    Some(r) => {
+                        let offset = Duration::from_nanos(i as u64 * 1_000_000_000 / u64::from(r));
+                        tokio::time::sleep_until(start + offset).await;
+                        start_ns + offset.as_nanos() as u64
+                    }
+                    None => crate::mono_ns(),
+                };
+                let r = ingest.one(&mut conn, u, Payload { k, p, t }).await;
+                sent.note(r, [k]);
+            }
+            (conn, sent)
+        });
+    }
+    let mut conns = Vec::with_capacity(lanes);
+    let mut sent = Sent::default();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((conn, s)) = done {
+            conns.push(conn);
+            sent.merge(s);
+        }
+    }
+    (conns, sent)
+}
+
+/// Send `plan` in batches of `args.batch`, `args.batch_concurrency` at once
+/// (PNS only).
+async fn send_batches(
+    server: &Server,
+    octet: u8,
+    args: &BenchArgs,
+    plan: Vec<(u32, u8, u64)>,
+) -> anyhow::Result<Sent> {
+    let api = Arc::new(pns::Internal::new(&server.token));
+    let batches: Arc<Vec<Vec<(u32, u8, u64)>>> = Arc::new(
+        plan.chunks(args.batch.max(1) as usize)
+            .map(<[_]>::to_vec)
+            .collect(),
+    );
+    let lanes = args.batch_concurrency.max(1);
+    let mut tasks = JoinSet::new();
+    for lane in 0..lanes {
+        let mut conn = Conn::open(source_addr(octet, 500 + lane as u32), server.ingest).await?;
+        let (api, batches) = (api.clone(), batches.clone());
+        tasks.spawn(async move {
+            let mut sent = Sent::default();
+            for b in batches.iter().skip(lane).step_by(lanes) {
+                let t = crate::mono_ns();
+                let items: Vec<(String, Payload)> = b
+                    .iter()
+                    .map(|&(u, p, k)| (pns::user(u), Payload { k, p, t }))
+                    .collect();
+                let r = api.notify_batch(&mut conn, &items).await;
+                sent.note(r, b.iter().map(|m| m.2));
+            }
+            sent
+        });
+    }
+    let mut sent = Sent::default();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(s) = done {
+            sent.merge(s);
+        }
+    }
+    Ok(sent)
+}
+
+/// The worker processes of one target.
+struct Workers {
+    procs: Vec<WorkerProc>,
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Workers {
+    async fn spawn(
+        kind: TargetKind,
+        server: &Server,
+        users: u32,
+        count: u32,
+    ) -> anyhow::Result<Workers> {
+        let exe = std::env::current_exe()?;
+        let mut procs = Vec::new();
+        for i in 0..count {
+            let mut child = tokio::process::Command::new(&exe)
+                .arg("worker")
+                .arg("--target")
+                .arg(kind.name())
+                .arg("--server")
+                .arg(server.public.to_string())
+                .arg("--users")
+                .arg(users.to_string())
+                .arg("--shard")
+                .arg(format!("{i}/{count}"))
+                .env(crate::worker::SECRET_ENV, &server.secret)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("cannot start a worker")?;
+            let stdin = child.stdin.take().context("worker stdin")?;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            procs.push(WorkerProc {
+                child,
+                stdin,
+                lines: BufReader::new(stdout).lines(),
+            });
+        }
+        let mut workers = Workers { procs };
+        for p in &mut workers.procs {
+            match p.next().await? {
+                Event::Ready { open_files, users } if u64::from(users) + 64 > open_files => {
+                    bail!("a worker may open {open_files} files, too few for {users} polls: add --workers")
+                }
+                Event::Ready { .. } => {}
+                other => bail!("worker said {other:?} before it was ready"),
+            }
+        }
+        Ok(workers)
+    }
+
+    async fn tell(&mut self, cmd: &Cmd) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(cmd)?;
+        line.push(b'\n');
+        for p in &mut self.procs {
+            p.stdin.write_all(&line).await.context("worker is gone")?;
+            p.stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn counts(&mut self) -> anyhow::Result<Counts> {
+        self.tell(&Cmd::Count).await?;
+        let mut sum = Counts::default();
+        for p in &mut self.procs {
+            match p.next().await? {
+                Event::Count(c) => {
+                    sum.distinct += c.distinct;
+                    sum.connected += c.connected;
+                    sum.errors += c.errors;
+                }
+                other => bail!("worker answered {other:?} to count"),
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Wait until `expected` distinct messages arrived, or `limit` passed.
+    async fn await_delivery(
+        &mut self,
+        expected: u64,
+        limit: Duration,
+        target: &str,
+        phase: &str,
+    ) -> anyhow::Result<()> {
+        let t = Instant::now();
+        loop {
+            let c = self.counts().await?;
+            if c.distinct >= expected {
+                return Ok(());
+            }
+            if t.elapsed() > limit {
+                eprintln!(
+                    "pns-load: {target}: {phase}: {} of {expected} messages arrived within {limit:?}",
+                    c.distinct
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn reports(&mut self) -> anyhow::Result<Vec<WorkerReport>> {
+        self.tell(&Cmd::Report).await?;
+        let mut out = Vec::new();
+        for p in &mut self.procs {
+            match p.next().await? {
+                Event::Report(r) => out.push(*r),
+                other => bail!("worker answered {other:?} to report"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn quit(mut self) {
+        let _ = self.tell(&Cmd::Quit).await;
+        for p in &mut self.procs {
+            let waited = tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await;
+            if waited.is_err() {
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+}
+
+impl WorkerProc {
+    async fn next(&mut self) -> anyhow::Result<Event> {
+        let line = tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
+            .await
+            .context("worker did not answer in time")??
+            .context("worker exited")?;
+        serde_json::from_str(&line).context("bad line from a worker")
+    }
+}

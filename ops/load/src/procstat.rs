@@ -1,0 +1,80 @@
+//! What the kernel says about a server's processes: resident memory (VmRSS,
+//! and the proportional Pss, which counts shared pages once across a process
+//! tree such as nginx's master and workers) and CPU time used.
+
+use std::time::{Duration, Instant};
+
+/// `pid` and all its descendants.
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    // Walk breadth first over a snapshot of /proc: bounded by the process count.
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| Some((p, stat_fields(p)?.get(1)?.parse().ok()?)))
+        .collect();
+    while i < all.len() {
+        let parent = all[i];
+        all.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    all
+}
+
+/// The fields of /proc/PID/stat after the command name (field 3 onwards).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// A `Key:   123 kB` line of a /proc status-like file, in KiB.
+fn kib_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Summed VmRSS of `pids`, in KiB.
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| kib_field(&format!("/proc/{p}/status"), "VmRSS:"))
+        .sum()
+}
+
+/// Summed Pss of `pids`, in KiB.
+pub fn pss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| kib_field(&format!("/proc/{p}/smaps_rollup"), "Pss:"))
+        .sum()
+}
+
+/// User plus system CPU time of `pids`, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| {
+            let f = stat_fields(*p)?;
+            // utime and stime are fields 14 and 15; f[0] is field 3.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// CPU used by `pids` over `span`, in percent of one core.
+pub async fn cpu_percent(pids: &[u32], span: Duration) -> f64 {
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (t0, c0) = (Instant::now(), cpu_ticks(pids));
+    tokio::time::sleep(span).await;
+    let (secs, c1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pids));
+    (c1.saturating_sub(c0)) as f64 / hz / secs * 100.0
+}
