@@ -226,6 +226,11 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp) -> Done {
             batch,
             now_ms,
             reply,
+        } if is_plain(&batch) => Done::Accept(reply, insert_plain(conn, batch, now_ms).await),
+        WriteOp::Accept {
+            batch,
+            now_ms,
+            reply,
         } => Done::Accept(reply, in_savepoint!(c => insert_batch(c, batch, now_ms))),
         WriteOp::ReleaseDue { now_ms, reply } => {
             Done::Users(reply, in_savepoint!(c => release_due(c, now_ms)))
@@ -245,7 +250,8 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp) -> Done {
             .bind(user)
             .bind(seq)
             .bind(now_ms);
-            Done::Unit(reply, in_savepoint!(c => execute(c, q)))
+            // One statement: atomic on its own, no savepoint needed.
+            Done::Unit(reply, execute(conn, q).await)
         }
         WriteOp::RevokeSession {
             jti,
@@ -286,6 +292,55 @@ type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::Sqlite
 async fn execute(conn: &mut SqliteConnection, query: SqliteQuery<'_>) -> StoreResult<()> {
     query.execute(conn).await?;
     Ok(())
+}
+
+/// Rows one multi-row INSERT carries at most (6 parameters each, well
+/// under SQLite's 32,766).
+const ROWS_PER_INSERT: usize = 1000;
+
+/// A batch with no dedup keys and no delays: every message becomes a row of
+/// `messages`, so the batch can go in as one multi-row INSERT.
+fn is_plain(batch: &[NewMessage]) -> bool {
+    batch.len() <= ROWS_PER_INSERT
+        && batch
+            .iter()
+            .all(|m| m.dedup_key.is_none() && m.delay_ms == 0)
+}
+
+/// Store a plain batch with one statement. A single statement is atomic by
+/// itself, so it needs no savepoint: two round trips to the database thread
+/// fewer for every notify, and one statement instead of one per message.
+/// Rows are inserted in order, so `seq` follows the batch order.
+async fn insert_plain(
+    conn: &mut SqliteConnection,
+    batch: Vec<NewMessage>,
+    now_ms: i64,
+) -> StoreResult<Vec<Accepted>> {
+    let mut sql = String::with_capacity(100 + batch.len() * 20);
+    sql.push_str("INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms) VALUES ");
+    for i in 0..batch.len() {
+        sql.push_str(if i == 0 {
+            "(?,?,?,?,?,?)"
+        } else {
+            ",(?,?,?,?,?,?)"
+        });
+    }
+    let ids: Vec<String> = batch.iter().map(|_| new_message_id()).collect();
+    let mut q = sqlx::query(&sql);
+    for (m, id) in batch.into_iter().zip(&ids) {
+        q = q
+            .bind(id.clone())
+            .bind(m.user)
+            .bind(m.kind)
+            .bind(m.data)
+            .bind(now_ms)
+            .bind(now_ms);
+    }
+    q.execute(&mut *conn).await?;
+    Ok(ids
+        .into_iter()
+        .map(|id| Accepted::Stored { id, visible: true })
+        .collect())
 }
 
 async fn insert_batch(
