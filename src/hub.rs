@@ -12,6 +12,15 @@
 //!
 //! The registry is split into shards by user, so that wakes for different
 //! users rarely contend on one lock.
+//!
+//! The hub also remembers, per user, what the last poll's store read proved
+//! ("nothing visible after seq N since M"), so that the poll that follows an
+//! answer at once, with that answer's cursor, can wait without reading the
+//! store again. The proof holds only until the user's next wake: every commit
+//! that makes a message visible is followed by [`Hub::wake`], which drops the
+//! user's entry and with it the proof, and each entry carries a generation
+//! that is never reused, so a read that raced with a wake never records
+//! anything.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -20,6 +29,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 const SHARDS: usize = 64;
+/// Users per shard beyond which no more read proofs are kept (an entry
+/// that only holds a proof lingers until the user's next wake).
+const PROOFS_PER_SHARD: usize = 4096;
 
 /// Why a parked poll was woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +52,32 @@ struct Waiter {
     wake: oneshot::Sender<Wake>,
 }
 
+/// What the hub knows of one user.
+struct UserState {
+    waiters: Vec<Waiter>,
+    /// Unique to this entry: a wake removes the entry, so a later entry of
+    /// the same user never has the same generation.
+    generation: u64,
+    /// No visible message after `after` with `visible_ms >= since_ms`
+    /// exists, as of this entry's generation.
+    proof: Option<Proof>,
+}
+
+#[derive(Clone, Copy)]
+struct Proof {
+    after: i64,
+    since_ms: i64,
+}
+
 #[derive(Default)]
 struct Shard {
-    users: HashMap<Arc<str>, Vec<Waiter>>,
+    users: HashMap<Arc<str>, UserState>,
 }
 
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
     hasher: std::collections::hash_map::RandomState,
+    /// Parked polls' ids and user entries' generations, from one counter.
     next_id: AtomicU64,
     held: AtomicUsize,
     closed: AtomicBool,
@@ -58,6 +88,10 @@ pub struct Parked {
     hub: Arc<Hub>,
     user: Arc<str>,
     id: u64,
+    /// The generation of the user's entry when this poll parked.
+    generation: u64,
+    /// The store holds nothing new for this poll: no need to read it.
+    nothing_new: bool,
     rx: oneshot::Receiver<Wake>,
 }
 
@@ -84,9 +118,10 @@ impl Hub {
         self.shards[idx].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Park a poll of `session` for `user`. An older poll of the same session
-    /// is released with [`Wake::Superseded`].
-    pub fn park(self: &Arc<Self>, user: &str, session: &str) -> Parked {
+    /// Park a poll of `session` for `user` that wants the messages after seq
+    /// `after` visible since `since_ms`. An older poll of the same session is
+    /// released with [`Wake::Superseded`].
+    pub fn park(self: &Arc<Self>, user: &str, session: &str, after: i64, since_ms: i64) -> Parked {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let user: Arc<str> = Arc::from(user);
@@ -96,11 +131,25 @@ impl Hub {
                 hub: self.clone(),
                 user,
                 id,
+                generation: 0,
+                nothing_new: false,
                 rx,
             };
         }
         let mut shard = self.shard(&user);
-        let waiters = shard.users.entry(user.clone()).or_default();
+        let state = shard
+            .users
+            .entry(user.clone())
+            .or_insert_with(|| UserState {
+                waiters: Vec::new(),
+                generation: self.next_id.fetch_add(1, Ordering::Relaxed),
+                proof: None,
+            });
+        let generation = state.generation;
+        let nothing_new = state
+            .proof
+            .is_some_and(|p| after >= p.after && since_ms >= p.since_ms);
+        let waiters = &mut state.waiters;
         let mut released = 0;
         waiters.retain_mut(|w| {
             if &*w.session == session {
@@ -126,14 +175,29 @@ impl Hub {
             hub: self.clone(),
             user,
             id,
+            generation,
+            nothing_new,
             rx,
         }
     }
 
-    /// Wake every poll parked for `user`.
+    /// Record what `parked`'s store read proved: nothing visible after seq
+    /// `after` since `since_ms`. Kept only if the user was not woken since
+    /// `parked` parked (the read may have missed what the wake announced).
+    pub fn note_read(&self, parked: &Parked, after: i64, since_ms: i64) {
+        let mut shard = self.shard(&parked.user);
+        if let Some(state) = shard.users.get_mut(&parked.user) {
+            if state.generation == parked.generation {
+                state.proof = Some(Proof { after, since_ms });
+            }
+        }
+    }
+
+    /// Wake every poll parked for `user`, and forget what the hub knew of
+    /// the user's messages.
     pub fn wake(&self, user: &str) {
-        let waiters = self.shard(user).users.remove(user);
-        if let Some(waiters) = waiters {
+        let state = self.shard(user).users.remove(user);
+        if let Some(UserState { waiters, .. }) = state {
             self.held.fetch_sub(waiters.len(), Ordering::Relaxed);
             for w in waiters {
                 let _ = w.wake.send(Wake::News);
@@ -143,8 +207,8 @@ impl Hub {
 
     /// End every poll of `user` with [`Wake::Revoked`].
     pub fn revoke_user(&self, user: &str) {
-        let waiters = self.shard(user).users.remove(user);
-        if let Some(waiters) = waiters {
+        let state = self.shard(user).users.remove(user);
+        if let Some(UserState { waiters, .. }) = state {
             self.held.fetch_sub(waiters.len(), Ordering::Relaxed);
             for w in waiters {
                 let _ = w.wake.send(Wake::Revoked);
@@ -169,7 +233,8 @@ impl Hub {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let mut released = Vec::new();
-            shard.users.retain(|_, waiters| {
+            shard.users.retain(|_, state| {
+                let waiters = &mut state.waiters;
                 let mut i = 0;
                 while i < waiters.len() {
                     if pred(&waiters[i]) {
@@ -178,7 +243,7 @@ impl Hub {
                         i += 1;
                     }
                 }
-                !waiters.is_empty()
+                !waiters.is_empty() || state.proof.is_some()
             });
             drop(shard);
             self.held.fetch_sub(released.len(), Ordering::Relaxed);
@@ -196,8 +261,8 @@ impl Hub {
     /// Polls parked now for `user` on this node, by session.
     pub fn held_by_session(&self, user: &str) -> HashMap<String, usize> {
         let mut out = HashMap::new();
-        if let Some(waiters) = self.shard(user).users.get(user) {
-            for w in waiters {
+        if let Some(state) = self.shard(user).users.get(user) {
+            for w in &state.waiters {
                 *out.entry(w.session.to_string()).or_default() += 1;
             }
         }
@@ -206,12 +271,13 @@ impl Hub {
 
     fn leave(&self, user: &str, id: u64) {
         let mut shard = self.shard(user);
-        if let Some(waiters) = shard.users.get_mut(user) {
-            if let Some(pos) = waiters.iter().position(|w| w.id == id) {
-                waiters.swap_remove(pos);
+        let crowded = shard.users.len() > PROOFS_PER_SHARD;
+        if let Some(state) = shard.users.get_mut(user) {
+            if let Some(pos) = state.waiters.iter().position(|w| w.id == id) {
+                state.waiters.swap_remove(pos);
                 self.held.fetch_sub(1, Ordering::Relaxed);
             }
-            if waiters.is_empty() {
+            if state.waiters.is_empty() && (state.proof.is_none() || crowded) {
                 shard.users.remove(user);
             }
         }
@@ -219,6 +285,12 @@ impl Hub {
 }
 
 impl Parked {
+    /// Whether the hub already knows the store holds nothing new for this
+    /// poll (see [`Hub::note_read`]); then the poll may wait without reading.
+    pub fn nothing_new(&self) -> bool {
+        self.nothing_new
+    }
+
     /// Wait until woken. A sender dropped without a word counts as news, so
     /// the poll re-reads the store rather than hang.
     pub async fn woken(&mut self) -> Wake {
@@ -239,8 +311,8 @@ mod tests {
     #[tokio::test]
     async fn wake_reaches_only_that_user_and_entries_are_removed() {
         let hub = Hub::new();
-        let mut a = hub.park("a@x", "s1");
-        let b = hub.park("b@x", "s2");
+        let mut a = hub.park("a@x", "s1", 0, 0);
+        let b = hub.park("b@x", "s2", 0, 0);
         assert_eq!(hub.held(), 2);
         hub.wake("a@x");
         assert_eq!(a.woken().await, Wake::News);
@@ -256,11 +328,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_proof_spares_the_next_read_until_a_wake() {
+        let hub = Hub::new();
+        let first = hub.park("a@x", "s1", 0, 100);
+        assert!(!first.nothing_new());
+        hub.note_read(&first, 7, 100);
+        drop(first);
+        let next = hub.park("a@x", "s1", 7, 100);
+        assert!(next.nothing_new());
+        // An older cursor, or an earlier session start, needs a read.
+        assert!(!hub.park("a@x", "s2", 6, 100).nothing_new());
+        assert!(!hub.park("a@x", "s3", 7, 99).nothing_new());
+        hub.wake("a@x");
+        assert!(!hub.park("a@x", "s1", 7, 100).nothing_new());
+    }
+
+    #[tokio::test]
+    async fn a_read_that_raced_a_wake_proves_nothing() {
+        let hub = Hub::new();
+        let mut p = hub.park("a@x", "s1", 0, 0);
+        hub.wake("a@x");
+        hub.note_read(&p, 7, 0);
+        assert_eq!(p.woken().await, Wake::News);
+        drop(p);
+        assert!(!hub.park("a@x", "s1", 7, 0).nothing_new());
+    }
+
+    #[tokio::test]
     async fn newer_poll_of_a_session_supersedes_the_older() {
         let hub = Hub::new();
-        let mut old = hub.park("a@x", "s1");
-        let _other = hub.park("a@x", "s2");
-        let _new = hub.park("a@x", "s1");
+        let mut old = hub.park("a@x", "s1", 0, 0);
+        let _other = hub.park("a@x", "s2", 0, 0);
+        let _new = hub.park("a@x", "s1", 0, 0);
         assert_eq!(old.woken().await, Wake::Superseded);
         assert_eq!(hub.held(), 2);
     }
@@ -268,10 +367,10 @@ mod tests {
     #[tokio::test]
     async fn shutdown_releases_everyone_and_later_parks() {
         let hub = Hub::new();
-        let mut a = hub.park("a@x", "s1");
+        let mut a = hub.park("a@x", "s1", 0, 0);
         hub.shut_down();
         assert_eq!(a.woken().await, Wake::ShuttingDown);
-        let mut late = hub.park("a@x", "s1");
+        let mut late = hub.park("a@x", "s1", 0, 0);
         assert_eq!(late.woken().await, Wake::ShuttingDown);
         assert_eq!(hub.held(), 0);
     }

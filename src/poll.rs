@@ -47,21 +47,31 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
     loop {
         // Park before reading, so a commit between the read and the wait
         // still wakes this poll.
-        let mut parked = app.hub.park(&session.user, &session.key);
-        let mut found = app
-            .store
-            .fetch(
-                &session.user,
-                after,
-                session.start_ms,
-                MAX_MESSAGES_PER_ANSWER as u32 + 1,
-            )
-            .await?;
-        if !found.is_empty() {
-            drop(parked);
+        let mut parked = app
+            .hub
+            .park(&session.user, &session.key, after, session.start_ms);
+        // The hub may know from the last read that nothing is new: then the
+        // poll that follows an answer waits without reading the store.
+        if !parked.nothing_new() {
+            let mut found = app
+                .store
+                .fetch(
+                    &session.user,
+                    after,
+                    session.start_ms,
+                    MAX_MESSAGES_PER_ANSWER as u32 + 1,
+                )
+                .await?;
             let more = found.len() > MAX_MESSAGES_PER_ANSWER;
             found.truncate(MAX_MESSAGES_PER_ANSWER);
-            return deliver(app, &session, cursor.is_none(), found, more).await;
+            if !more {
+                let last = found.last().map_or(after, |m| m.seq);
+                app.hub.note_read(&parked, last, session.start_ms);
+            }
+            if !found.is_empty() {
+                drop(parked);
+                return deliver(app, &session, cursor.is_none(), found, more).await;
+            }
         }
         if timeout.is_zero() {
             return Ok(empty(app, after, Outcome::timeout));
