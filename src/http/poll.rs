@@ -24,6 +24,15 @@ pub async fn poll(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<crate::wire::PollAnswer>, ApiError> {
+    // The request's headers share hyper's read buffer (8 KiB); parsing
+    // consumes them here, so that a held poll does not keep that buffer
+    // alive beside the one hyper reads the next bytes into.
+    let request = parse(&app, query, headers)?;
+    let answer = crate::poll::answer(&app, request).await?;
+    Ok(Json(answer))
+}
+
+fn parse(app: &App, query: Option<String>, headers: HeaderMap) -> Result<PollRequest, ApiError> {
     let query: PollQuery = match query.as_deref() {
         Some(q) => serde_urlencoded::from_str(q)
             .map_err(|e| ApiError::BadRequest(format!("query string is malformed: {e}")))?,
@@ -54,16 +63,11 @@ pub async fn poll(
         Some(c) => Some(decode_cursor(c)?),
     };
     let _ = query.come_from;
-    let answer = crate::poll::answer(
-        &app,
-        PollRequest {
-            session,
-            cursor,
-            timeout,
-        },
-    )
-    .await?;
-    Ok(Json(answer))
+    Ok(PollRequest {
+        session,
+        cursor,
+        timeout,
+    })
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
