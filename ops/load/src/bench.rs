@@ -272,9 +272,10 @@ async fn measure_server(
 
     let mut senders = open_senders(octet, server, args.senders).await?;
     let mut expected = 0u64;
+    let cpu = || crate::procstat::cpu_secs(&pids);
 
     // 1. One message to every user, as fast as it goes.
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu());
     let (conns, single) = send_singles(
         ingest.clone(),
         senders,
@@ -290,6 +291,7 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "single")
         .await?;
+    let single_cpu = cpu() - c;
 
     // 2. A fixed rate, each message stamped with when it was due.
     let total = u64::from(args.rate) * u64::from(args.rate_secs);
@@ -299,7 +301,7 @@ async fn measure_server(
             (u, RATE, phase_base(RATE) + i)
         })
         .collect();
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu());
     let (conns, rate) = send_singles(ingest.clone(), senders, plan, Some(args.rate)).await;
     senders = conns;
     let rate_secs = t.elapsed().as_secs_f64();
@@ -307,13 +309,14 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "rate")
         .await?;
+    let rate_cpu = cpu() - c;
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
     let plan: Vec<(u32, u8, u64)> = (0..u64::from(batch_total))
         .map(|i| ((i % u64::from(n)) as u32, BATCH, phase_base(BATCH) + i))
         .collect();
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu());
     let (batch, batch_mode) = match kind {
         TargetKind::Pns => (send_batches(server, octet, args, plan).await?, "batches"),
         TargetKind::Nchan => {
@@ -327,7 +330,11 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "batch")
         .await?;
+    let batch_cpu = cpu() - c;
     drop(senders);
+    // The polls are held again by now; what answering them left behind.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_end = crate::procstat::rss_kib(&server.pids());
 
     let reports = workers.reports().await?;
     workers.quit().await;
@@ -350,8 +357,9 @@ async fn measure_server(
     let mut all_acked = single.acked.clone();
     all_acked.extend(&rate.acked);
     all_acked.extend(&batch.acked);
-    let mut phase = |sent: &Sent, secs: f64, p: u8, mode: &'static str| Phase {
+    let mut phase = |sent: &Sent, secs: f64, cpu: f64, p: u8, mode: &'static str| Phase {
         messages: sent.acked.len() as u64,
+        server_cpu_us_per_msg: cpu * 1e6 / (sent.acked.len().max(1) as f64),
         seconds: secs,
         per_s: sent.acked.len() as f64 / secs.max(1e-9),
         mode,
@@ -359,9 +367,15 @@ async fn measure_server(
         delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
         latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
     };
-    let single_phase = phase(&single, single_secs, SINGLE, "single notifies");
-    let rate_phase = phase(&rate, rate_secs, RATE, "single notifies at a fixed rate");
-    let batch_phase = phase(&batch, batch_secs, BATCH, batch_mode);
+    let single_phase = phase(&single, single_secs, single_cpu, SINGLE, "single notifies");
+    let rate_phase = phase(
+        &rate,
+        rate_secs,
+        rate_cpu,
+        RATE,
+        "single notifies at a fixed rate",
+    );
+    let batch_phase = phase(&batch, batch_secs, batch_cpu, BATCH, batch_mode);
     let first_send_error = single
         .first_error
         .clone()
@@ -381,6 +395,8 @@ async fn measure_server(
         pss_idle_kib: pss_idle,
         pss_held_kib: pss_held,
         pss_per_poll_kib: per_poll(pss_idle, pss_held),
+        rss_end_kib: rss_end,
+        rss_end_per_poll_kib: per_poll(rss_idle, rss_end),
         idle_cpu_pct: idle_cpu,
         single: single_phase,
         rate: RatePhase {

@@ -58,6 +58,16 @@ pub fn pss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// User plus system CPU time of `pids`, in seconds.
+pub fn cpu_secs(pids: &[u32]) -> f64 {
+    cpu_ticks(pids) as f64 / clock_ticks_per_sec()
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a constant.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// User plus system CPU time of `pids`, in clock ticks.
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
@@ -71,8 +81,7 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
 
 /// CPU used by `pids` over `span`, in percent of one core.
 pub async fn cpu_percent(pids: &[u32], span: Duration) -> f64 {
-    // SAFETY: sysconf only reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = clock_ticks_per_sec();
     let (t0, c0) = (Instant::now(), cpu_ticks(pids));
     tokio::time::sleep(span).await;
     let (secs, c1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pids));

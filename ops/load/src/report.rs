@@ -17,6 +17,9 @@ pub struct Phase {
     pub mode: &'static str,
     /// Notifies that failed.
     pub errors: u64,
+    /// Server CPU time spent in the phase (until its messages arrived),
+    /// per message, in µs.
+    pub server_cpu_us_per_msg: f64,
     pub delivery: Delivery,
     pub latency: Latency,
 }
@@ -43,6 +46,9 @@ pub struct TargetReport {
     pub pss_idle_kib: u64,
     pub pss_held_kib: u64,
     pub pss_per_poll_kib: f64,
+    /// RSS after the phases, the polls held again: what answering left.
+    pub rss_end_kib: u64,
+    pub rss_end_per_poll_kib: f64,
     /// Server CPU while the polls wait, percent of one core.
     pub idle_cpu_pct: f64,
     pub single: Phase,
@@ -143,7 +149,8 @@ fn compare(targets: &[TargetReport]) -> Vec<Comparison> {
     ) else {
         return Vec::new();
     };
-    let rows: [(&'static str, f64, f64, bool); 9] = [
+    let lost = |t: &TargetReport| t.delivery.lost as f64;
+    let rows: Vec<(&'static str, f64, f64, bool)> = vec![
         (
             "ramp_s",
             p.ramp_s.unwrap_or(f64::INFINITY),
@@ -162,9 +169,27 @@ fn compare(targets: &[TargetReport]) -> Vec<Comparison> {
             n.pss_per_poll_kib,
             true,
         ),
+        (
+            "rss_end_per_poll_kib",
+            p.rss_end_per_poll_kib,
+            n.rss_end_per_poll_kib,
+            true,
+        ),
         ("idle_cpu_pct", p.idle_cpu_pct, n.idle_cpu_pct, true),
         ("single_per_s", p.single.per_s, n.single.per_s, false),
         ("batch_per_s", p.batch.per_s, n.batch.per_s, false),
+        (
+            "single_cpu_us_per_msg",
+            p.single.server_cpu_us_per_msg,
+            n.single.server_cpu_us_per_msg,
+            true,
+        ),
+        (
+            "batch_cpu_us_per_msg",
+            p.batch.server_cpu_us_per_msg,
+            n.batch.server_cpu_us_per_msg,
+            true,
+        ),
         (
             "rate_p50_ms",
             p.rate.phase.latency.p50_ms,
@@ -183,6 +208,7 @@ fn compare(targets: &[TargetReport]) -> Vec<Comparison> {
             n.rate.phase.latency.max_ms,
             true,
         ),
+        ("lost", lost(p), lost(n), true),
     ];
     rows.into_iter()
         .map(|(figure, pns, nchan, lower_is_better)| Comparison {
