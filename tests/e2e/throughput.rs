@@ -11,6 +11,7 @@ async fn notifies_sent_at_once_keep_their_ids_and_each_users_order() {
     let s = Server::start();
     let users = ["a@example.com", "b@example.com", "c@example.com"];
     let sids: Vec<String> = users.iter().map(|u| s.sid(u)).collect();
+    let d_sid = s.sid("d@example.com");
     // Each user's messages go one after the other; the users' streams, and
     // a batch and a deduplicated message, all at the same time.
     let stream = |user: &'static str| {
@@ -48,7 +49,7 @@ async fn notifies_sent_at_once_keep_their_ids_and_each_users_order() {
             .collect();
         assert_eq!(got, ids, "ids of {user}");
     }
-    let d = s.poll(&s.sid("d@example.com"), "timeout=0").await;
+    let d = s.poll(&d_sid, "timeout=0").await;
     let mut subjects = d.subjects();
     subjects.sort();
     assert_eq!(subjects, ["d 0", "d 1", "d keyed"]);
