@@ -188,6 +188,23 @@ impl Done {
 
 async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>) {
     let mut done = Vec::with_capacity(ops.len());
+    if only_plain_accepts(&ops) {
+        // One statement commits by itself (and is on disk when it returns,
+        // with synchronous=FULL): no BEGIN and COMMIT round trips.
+        let group = ops.into_iter().filter_map(|op| match op {
+            WriteOp::Accept {
+                batch,
+                now_ms,
+                reply,
+            } => Some((batch, now_ms, reply)),
+            _ => None,
+        });
+        insert_plain_group(conn, group.collect(), &mut done).await;
+        for d in done {
+            d.send(&Ok(()));
+        }
+        return;
+    }
     let commit = match conn.begin().await {
         Err(e) => Err(e.to_string()),
         Ok(mut tx) => {
@@ -327,6 +344,18 @@ type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::Sqlite
 async fn execute(conn: &mut SqliteConnection, query: SqliteQuery<'_>) -> StoreResult<()> {
     query.execute(conn).await?;
     Ok(())
+}
+
+/// Whether a round is nothing but plain accepts that fit one statement.
+fn only_plain_accepts(ops: &[WriteOp]) -> bool {
+    let mut rows = 0;
+    ops.iter().all(|op| match op {
+        WriteOp::Accept { batch, .. } if is_plain(batch) => {
+            rows += batch.len();
+            rows <= ROWS_PER_INSERT
+        }
+        _ => false,
+    })
 }
 
 /// Rows one multi-row INSERT carries at most (6 parameters each, well
