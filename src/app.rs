@@ -113,6 +113,7 @@ pub fn raise_open_file_limit() {
 /// `pns serve`: run until SIGTERM or SIGINT, then drain and return.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
+    let started_ms = crate::clock::now_ms();
     let shutdown = Shutdown::new();
     let public = TcpListener::bind(config.listen)
         .await
@@ -141,6 +142,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         app.config.retention_every,
         shutdown.clone(),
     ));
+    if let Some(maildir) = app.config.maildir.clone() {
+        tasks.spawn(crate::ingest::maildir::run(
+            maildir,
+            app.ingest.clone(),
+            started_ms,
+            shutdown.clone(),
+        ));
+    }
     let limit = connection_limit();
     tasks.spawn(crate::server::serve(
         public,

@@ -2,6 +2,7 @@
 //! ones overriding earlier ones (names as in SPEC.md). Secrets that are not
 //! configured are generated once and kept, mode 0600, in the data directory.
 
+use crate::ingest::maildir::{MaildirConfig, Pattern};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -71,6 +72,26 @@ pub struct Settings {
     /// Root of the Maildir tree to watch (enables the watcher).
     #[arg(long, env = "PNS_MAILDIR_ROOT", value_name = "DIR")]
     pub maildir_root: Option<PathBuf>,
+    /// Where a mailbox's Maildir is below the root (default {domain}/{localpart}/Maildir).
+    #[arg(long, env = "PNS_MAILDIR_PATTERN", value_name = "PATTERN")]
+    pub maildir_pattern: Option<String>,
+    /// Domain for mailboxes whose path gives only a local part.
+    #[arg(long, env = "PNS_MAILDIR_DEFAULT_DOMAIN", value_name = "DOMAIN")]
+    pub maildir_default_domain: Option<String>,
+    /// Seconds between two full rescans of the Maildir tree (default 60).
+    #[arg(long, env = "PNS_MAILDIR_RESCAN_SECS", value_name = "SECS")]
+    pub maildir_rescan_secs: Option<u64>,
+    /// User name Dovecot's push_notification driver authenticates with.
+    #[arg(long, env = "PNS_DOVECOT_USER", value_name = "USER")]
+    pub dovecot_user: Option<String>,
+    /// Password Dovecot's push_notification driver authenticates with.
+    #[arg(
+        long,
+        env = "PNS_DOVECOT_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub dovecot_password: Option<String>,
     /// Messages kept per user at most.
     #[arg(long, env = "PNS_RETENTION_MAX_MESSAGES", value_name = "N")]
     pub retention_max_messages: Option<u32>,
@@ -109,6 +130,11 @@ impl Settings {
             hold_secs,
             allowed_origins,
             maildir_root,
+            maildir_pattern,
+            maildir_default_domain,
+            maildir_rescan_secs,
+            dovecot_user,
+            dovecot_password,
             retention_max_messages,
             retention_max_age_secs,
             retention_interval_secs,
@@ -121,6 +147,25 @@ impl Settings {
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text)
             .with_context(|| format!("config file {} is not valid", path.display()))
+    }
+}
+
+/// Shortest password the Dovecot endpoint accepts to be configured with.
+pub const MIN_DOVECOT_PASSWORD_LEN: usize = 16;
+
+/// HTTP Basic credentials Dovecot's `push_notification` driver sends.
+#[derive(Clone)]
+pub struct DovecotCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for DovecotCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DovecotCredentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
     }
 }
 
@@ -143,7 +188,10 @@ pub struct Config {
     pub internal_tokens: Vec<String>,
     pub hold: Duration,
     pub allowed_origins: Vec<String>,
-    pub maildir_root: Option<PathBuf>,
+    /// The Maildir watcher's settings, when `PNS_MAILDIR_ROOT` is set.
+    pub maildir: Option<MaildirConfig>,
+    /// The credentials of the Dovecot endpoint; without them it refuses all.
+    pub dovecot: Option<DovecotCredentials>,
     pub retention: crate::store::RetentionPolicy,
     pub retention_every: Duration,
     pub demo: bool,
@@ -208,6 +256,51 @@ impl Config {
                 t.len()
             );
         }
+        let maildir = match settings.maildir_root {
+            None => None,
+            Some(root) => {
+                let pattern = Pattern::parse(
+                    settings
+                        .maildir_pattern
+                        .as_deref()
+                        .unwrap_or(crate::ingest::maildir::DEFAULT_PATTERN),
+                )
+                .map_err(|e| anyhow::anyhow!("PNS_MAILDIR_PATTERN: {e}"))?;
+                let rescan = settings
+                    .maildir_rescan_secs
+                    .unwrap_or(crate::ingest::maildir::DEFAULT_RESCAN_SECS);
+                if rescan == 0 {
+                    bail!("PNS_MAILDIR_RESCAN_SECS must be at least 1");
+                }
+                let default_domain = settings
+                    .maildir_default_domain
+                    .map(|d| d.trim().trim_start_matches('@').to_owned())
+                    .filter(|d| !d.is_empty());
+                Some(MaildirConfig {
+                    root,
+                    pattern,
+                    default_domain,
+                    rescan: Duration::from_secs(rescan),
+                    state_file: data_dir.join(crate::ingest::maildir::STATE_FILE),
+                })
+            }
+        };
+        let dovecot = match (settings.dovecot_user, settings.dovecot_password) {
+            (None, None) => None,
+            (Some(user), Some(password)) => {
+                if user.is_empty() || user.contains(':') {
+                    bail!("PNS_DOVECOT_USER must not be empty nor contain ':'");
+                }
+                if password.len() < MIN_DOVECOT_PASSWORD_LEN {
+                    bail!(
+                        "PNS_DOVECOT_PASSWORD must be at least {MIN_DOVECOT_PASSWORD_LEN} characters"
+                    );
+                }
+                Some(DovecotCredentials { user, password })
+            }
+            (Some(_), None) => bail!("PNS_DOVECOT_USER is set but PNS_DOVECOT_PASSWORD is not"),
+            (None, Some(_)) => bail!("PNS_DOVECOT_PASSWORD is set but PNS_DOVECOT_USER is not"),
+        };
         let max_age = settings
             .retention_max_age_secs
             .unwrap_or(DEFAULT_RETENTION_MAX_AGE_SECS);
@@ -234,7 +327,8 @@ impl Config {
                         .collect()
                 })
                 .unwrap_or_default(),
-            maildir_root: settings.maildir_root,
+            maildir,
+            dovecot,
             retention: crate::store::RetentionPolicy {
                 max_messages_per_user: settings
                     .retention_max_messages

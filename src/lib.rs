@@ -2,7 +2,8 @@
 //!
 //! Browsers long-poll `GET /pns/poll`; the server holds each request until a
 //! message for that user exists or the hold ends. Messages come in over the
-//! internal HTTP API (and, later, Dovecot and a Maildir watcher). See
+//! internal HTTP API, from Dovecot's push_notification driver and from a
+//! Maildir watcher. See
 //! `SPEC.md` for the contract and `docs/` for the guides.
 //!
 //! # Layout
@@ -11,7 +12,8 @@
 //!
 //! - [`http`]: the two HTTP surfaces; thin handlers, one error type.
 //! - [`wire`]: the request and response JSON, side by side with SPEC.
-//! - [`ingest`]: where every way in ends: store, then wake.
+//! - [`ingest`]: where every way in ends: store, then wake. Beside it the
+//!   Maildir watcher (`ingest::maildir`) and raw mail parsing (`ingest::mime`).
 //! - [`store`]: the message store trait, with SQLite behind it.
 //! - [`scheduler`]: makes delayed messages visible when due.
 //! - [`hub`]: parks held polls and wakes them.

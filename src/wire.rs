@@ -68,6 +68,26 @@ pub struct NotifyItem {
     pub delay_ms: Option<u64>,
 }
 
+/// `PUT`/`POST /preliminary/http-notify/v1/notify`: what Dovecot's
+/// `push_notification` OX driver sends (`from` and `subject` still RFC 2047
+/// encoded). Keys this does not know are ignored: other Dovecot versions
+/// may add some.
+#[derive(Debug, Deserialize)]
+pub struct DovecotEvent {
+    pub user: Option<String>,
+    /// `messageNew` for a delivery.
+    pub event: Option<String>,
+    pub folder: Option<String>,
+    #[serde(rename = "imap-uidvalidity")]
+    pub uidvalidity: Option<u64>,
+    #[serde(rename = "imap-uid")]
+    pub uid: Option<u64>,
+    pub from: Option<String>,
+    pub subject: Option<String>,
+    pub snippet: Option<String>,
+    pub unseen: Option<u64>,
+}
+
 /// `202` answer of a notify.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NotifyAccepted {

@@ -4,6 +4,7 @@
 //!
 //! - [`poll`]: `GET /pns/poll`
 //! - [`notify`]: `POST /internal/v1/notify`
+//! - [`dovecot`]: `PUT /preliminary/http-notify/v1/notify`, Dovecot's push_notification driver
 //! - [`admin`]: session revocation and stats
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`
 //! - [`demo`]: the demo page, the bundled client and the demo session
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod body;
 pub mod demo;
+pub mod dovecot;
 pub mod error;
 pub mod health;
 pub mod notify;
@@ -22,7 +24,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use error::ApiError;
 use std::sync::Arc;
@@ -75,6 +77,10 @@ pub fn internal_router(app: Arc<App>) -> Router {
         ));
     Router::new()
         .merge(api)
+        .route(
+            "/preliminary/http-notify/v1/notify",
+            put(dovecot::notify).post(dovecot::notify),
+        )
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

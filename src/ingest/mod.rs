@@ -4,7 +4,12 @@
 //! batch durably, then wakes the polls of the users who got visible news and
 //! tells the delay scheduler about delayed ones. Data flows one way from
 //! here: store, then hub, then poll answers.
+//!
+//! The ways in: the internal API (`crate::http::notify`), Dovecot's
+//! `push_notification` driver (`crate::http::dovecot`) and the [`maildir`]
+//! watcher; [`mime`] turns raw mail into the fields of a new-mail message.
 
+pub mod maildir;
 pub mod mime;
 
 use crate::hub::Hub;
@@ -39,6 +44,8 @@ pub struct AcceptReport {
     pub ids: Vec<String>,
 }
 
+/// Cheap to clone: every part is shared.
+#[derive(Clone)]
 pub struct Ingest {
     store: SharedStore,
     hub: Arc<Hub>,

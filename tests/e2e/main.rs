@@ -3,3 +3,5 @@
 mod support;
 
 mod delivery;
+mod dovecot;
+mod maildir;

@@ -181,6 +181,34 @@ impl Server {
         answer(r).await
     }
 
+    /// Poll from `cursor` ("" for a first poll) until `want` messages have
+    /// come or `within` has passed; the messages and the last cursor.
+    pub async fn collect(
+        &self,
+        sid: &str,
+        cursor: &str,
+        want: usize,
+        within: Duration,
+    ) -> (Vec<Value>, String) {
+        let deadline = Instant::now() + within;
+        let mut cursor = cursor.to_owned();
+        let mut got = Vec::new();
+        while got.len() < want && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+            let timeout = left.clamp(1, 10);
+            let query = if cursor.is_empty() {
+                format!("timeout={timeout}")
+            } else {
+                format!("cursor={cursor}&timeout={timeout}")
+            };
+            let a = self.poll(sid, &query).await;
+            assert_eq!(a.status, StatusCode::OK, "poll failed: {}", a.body);
+            got.extend(a.body["msg"].as_array().cloned().unwrap_or_default());
+            cursor = a.cursor();
+        }
+        (got, cursor)
+    }
+
     /// A new-mail message for `user` with `subject`.
     pub async fn mail(&self, user: &str, subject: &str) -> Answer {
         let a = self.notify(mail(user, subject)).await;
