@@ -209,6 +209,10 @@ async fn subfolders_and_mailboxes_made_after_start_are_watched_with_their_names_
     let alice = tree.maildir("example.com/alice/Maildir");
     let s = Server::start_with(&[("PNS_MAILDIR_ROOT", &tree.root())]);
     let sid = s.sid("alice@example.com");
+    // Once this has come, the watcher is running: what follows is found
+    // by filesystem events (the rescan is a minute away).
+    deliver(&alice, b"Subject: Probe\n\nx\n");
+    let (_, cursor) = one(&s, &sid, "").await;
 
     // A Maildir++ subfolder made the way Dovecot makes one: the folder
     // first, its new/ cur/ tmp/ after. `&ZeVnLIqe-` is modified UTF-7.
@@ -220,7 +224,7 @@ async fn subfolders_and_mailboxes_made_after_start_are_watched_with_their_names_
         &sub,
         b"From: x@example.com\nSubject: Filed\n\nIn a subfolder.\n",
     );
-    let (m, cursor) = one(&s, &sid, "").await;
+    let (m, cursor) = one(&s, &sid, &cursor).await;
     assert_eq!(data(&m)["folder"], "日本語/2024");
     assert_eq!(data(&m)["subject"], "Filed");
     assert_eq!(data(&m)["unseen"], 1);
@@ -355,4 +359,52 @@ async fn a_thousand_files_dropped_at_once_arrive_as_a_thousand_messages() {
         expected.iter().map(String::as_str).collect::<HashSet<_>>()
     );
     nothing_more(&s, &sid, &cursor).await;
+}
+
+#[tokio::test]
+async fn past_the_inotify_watch_limit_mail_still_arrives_through_the_rescan() {
+    // A user namespace of its own gets its own inotify limit: 6 watches,
+    // enough for the root, the domain and one mailbox (user, Maildir, new/)
+    // of the four.
+    const LIMIT: &str = "echo 6 > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"";
+    let probe = std::process::Command::new("unshare")
+        .args(["-U", "-r", "-m", "sh", "-c", LIMIT, "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "SKIP past_the_inotify_watch_limit_…: cannot make a user namespace with its own \
+             inotify limit here (unshare -U -r)"
+        );
+        return;
+    }
+    let tree = Tree::new();
+    let users = ["a", "b", "c", "d"];
+    for u in users {
+        tree.maildir(&format!("example.com/{u}/Maildir"));
+    }
+    let s = Server::start_wrapped(
+        &["unshare", "-U", "-r", "-m", "sh", "-c", LIMIT],
+        &[
+            ("PNS_MAILDIR_ROOT", &tree.root()),
+            ("PNS_MAILDIR_RESCAN_SECS", "1"),
+        ],
+    );
+    let sids: Vec<String> = users
+        .iter()
+        .map(|u| s.sid(&format!("{u}@example.com")))
+        .collect();
+    // Let the first scan pass, so that the mail below is found by events
+    // (one mailbox) or by the rescans (the others), not by that scan.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for u in users {
+        let inbox = tree.root.path().join(format!("example.com/{u}/Maildir"));
+        deliver(
+            &inbox,
+            format!("Subject: Past the limit, {u}\n\nHi.\n").as_bytes(),
+        );
+    }
+    for (u, sid) in users.iter().zip(&sids) {
+        let (m, _) = one(&s, sid, "").await;
+        assert_eq!(data(&m)["subject"], format!("Past the limit, {u}"));
+    }
 }

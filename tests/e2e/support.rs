@@ -18,6 +18,8 @@ pub struct Server {
     pub internal: SocketAddr,
     pub dir: PathBuf,
     env: Vec<(String, String)>,
+    /// A command `pns` is run through (e.g. `unshare …`), if any.
+    wrap: Vec<String>,
     pub http: reqwest::Client,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -36,19 +38,34 @@ impl Server {
 
     /// A server with extra `PNS_*` environment variables.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
+        Server::start_wrapped(&[], env)
+    }
+
+    /// A server run through `wrap` (a command that ends by exec'ing its
+    /// arguments), with extra environment variables.
+    pub fn start_wrapped(wrap: &[&str], env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut s = Server::spawn(dir, env);
+        let wrap = wrap.iter().map(|w| w.to_string()).collect();
+        let mut s = Server::spawn(dir, env, wrap);
         s._tmp = Some(tmp);
         s
     }
 
-    fn spawn(dir: PathBuf, env: Vec<(String, String)>) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pns"));
+    fn spawn(dir: PathBuf, env: Vec<(String, String)>, wrap: Vec<String>) -> Server {
+        let pns = env!("CARGO_BIN_EXE_pns");
+        let mut cmd = match wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(pns);
+                c
+            }
+            None => Command::new(pns),
+        };
         cmd.arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -97,6 +114,7 @@ impl Server {
             child,
             dir,
             env,
+            wrap,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
                 .build()
@@ -110,7 +128,7 @@ impl Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let tmp = self._tmp.take();
-        let mut s = Server::spawn(self.dir.clone(), self.env.clone());
+        let mut s = Server::spawn(self.dir.clone(), self.env.clone(), self.wrap.clone());
         s._tmp = tmp;
         s
     }
