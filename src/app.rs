@@ -35,10 +35,18 @@ impl App {
             ),
         };
         let sessions = Arc::new(SessionValidator::new(key, config.audience.as_deref())?);
-        let store = crate::store::open(&config.database_url)
+        let store = crate::store::connect(&config.database_url)
             .await
             .context("cannot open the message store")?;
-        sessions.load_from(&store, crate::clock::now_ms()).await?;
+        match sessions.load_from(&store, crate::clock::now_ms()).await {
+            Ok(()) => {}
+            // A shared store may be away at start; its feed's first Resync
+            // loads the revocations once it is back.
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "revocations not loaded yet: the store is unreachable")
+            }
+            Err(e) => return Err(e.into()),
+        }
         let hub = Hub::new();
         let metrics = Arc::new(Metrics::new());
         let scheduler = DelayScheduler::new();
@@ -129,6 +137,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     announce(&app, &public, &internal);
 
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(events) = app.store.events() {
+        tasks.spawn(crate::cluster::follow(
+            app.clone(),
+            events,
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(
         app.scheduler
             .clone()
@@ -176,6 +191,10 @@ fn announce(app: &App, public: &TcpListener, internal: &TcpListener) {
     tracing::info!(%public, %internal, store = %redact_url(&app.config.database_url), "pns listening");
     for path in &app.config.generated {
         tracing::info!(file = %path.display(), "generated a secret (mode 0600); keep it, or configure your own");
+    }
+    if !app.config.generated.is_empty() && !app.config.database_url.starts_with("sqlite:") {
+        // Each node would generate its own: tokens minted for one are refused by the others.
+        tracing::warn!("this store is shared by several nodes: set PNS_JWT_SECRET (or a public key) and PNS_INTERNAL_TOKEN to the same values on every node");
     }
     if app.config.demo {
         tracing::info!("demo mode: open http://{public}/ for the demo inbox");

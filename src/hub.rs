@@ -37,6 +37,8 @@ pub enum Wake {
 struct Waiter {
     id: u64,
     session: Arc<str>,
+    /// Wall-clock ms when parked, to compare with polls begun on other nodes.
+    parked_ms: i64,
     wake: oneshot::Sender<Wake>,
 }
 
@@ -117,6 +119,7 @@ impl Hub {
         waiters.push(Waiter {
             id,
             session: Arc::from(session),
+            parked_ms: crate::clock::now_ms(),
             wake: tx,
         });
         drop(shard);
@@ -138,6 +141,38 @@ impl Hub {
             for w in waiters {
                 let _ = w.wake.send(Wake::News);
             }
+        }
+    }
+
+    /// Wake every poll held on this node, to re-check the store: for when
+    /// wakeups may have been missed.
+    pub fn wake_all(&self) {
+        self.release_where(|_| true, Wake::News);
+    }
+
+    /// A poll of `session` began on another node at `at_ms`: release this
+    /// node's polls of it parked until then with [`Wake::Superseded`].
+    pub fn supersede(&self, user: &str, session: &str, at_ms: i64) {
+        let mut shard = self.shard(user);
+        let Some(waiters) = shard.users.get_mut(user) else {
+            return;
+        };
+        let mut released = Vec::new();
+        let mut i = 0;
+        while i < waiters.len() {
+            if &*waiters[i].session == session && waiters[i].parked_ms <= at_ms {
+                released.push(waiters.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        if waiters.is_empty() {
+            shard.users.remove(user);
+        }
+        drop(shard);
+        self.held.fetch_sub(released.len(), Ordering::Relaxed);
+        for w in released {
+            let _ = w.wake.send(Wake::Superseded);
         }
     }
 
@@ -263,6 +298,21 @@ mod tests {
         let _new = hub.park("a@x", "s1");
         assert_eq!(old.woken().await, Wake::Superseded);
         assert_eq!(hub.held(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_poll_begun_elsewhere_supersedes_only_older_polls_of_its_session() {
+        let hub = Hub::new();
+        let mut old = hub.park("a@x", "s1");
+        let mut other = hub.park("a@x", "s2");
+        hub.supersede("a@x", "s1", crate::clock::now_ms() - 60_000);
+        assert_eq!(hub.held(), 2, "a poll parked after the other began stays");
+        hub.supersede("a@x", "s1", crate::clock::now_ms());
+        assert_eq!(old.woken().await, Wake::Superseded);
+        assert_eq!(hub.held(), 1);
+        hub.wake_all();
+        assert_eq!(other.woken().await, Wake::News);
+        assert_eq!(hub.held(), 0);
     }
 
     #[tokio::test]

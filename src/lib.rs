@@ -12,9 +12,12 @@
 //! - [`http`]: the two HTTP surfaces; thin handlers, one error type.
 //! - [`wire`]: the request and response JSON, side by side with SPEC.
 //! - [`ingest`]: where every way in ends: store, then wake.
-//! - [`store`]: the message store trait, with SQLite behind it.
+//! - [`store`]: the message store trait, with SQLite (default) and
+//!   PostgreSQL (several nodes) behind it.
 //! - [`scheduler`]: makes delayed messages visible when due.
 //! - [`hub`]: parks held polls and wakes them.
+//! - [`cluster`]: applies what other nodes sharing the store did (wakes,
+//!   revocations, poll starts) to this node.
 //! - [`poll`]: answers a poll from the store and the hub.
 //! - [`session`]: validates sids (JWT) and keeps revocations.
 //!
@@ -31,6 +34,7 @@
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod hub;

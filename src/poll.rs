@@ -44,6 +44,9 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
         None => app.store.position(&session.key).await?.unwrap_or(0),
     };
     let deadline = Instant::now() + timeout;
+    // Other nodes sharing the store release their older polls of this session.
+    app.store
+        .announce_poll(&session.user, &session.key, crate::clock::now_ms());
     loop {
         // Park before reading, so a commit between the read and the wait
         // still wakes this poll.
@@ -68,6 +71,12 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
         }
         tokio::select! {
             wake = parked.woken() => match wake {
+                // A revocation heard from another node (or reloaded after
+                // a reconnect) reaches a held poll as a wake.
+                Wake::News if app.sessions.is_revoked(&session) => {
+                    app.metrics.answered(Outcome::error);
+                    return Err(SessionError::Revoked.into());
+                }
                 Wake::News => continue,
                 Wake::Superseded => return Ok(empty(app, after, Outcome::superseded)),
                 Wake::ShuttingDown => return Ok(empty(app, after, Outcome::shutdown)),

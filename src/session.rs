@@ -151,7 +151,8 @@ impl SessionValidator {
         Ok(session)
     }
 
-    fn is_revoked(&self, s: &Session) -> bool {
+    /// Whether a session validated earlier has been revoked since.
+    pub fn is_revoked(&self, s: &Session) -> bool {
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         if revoked.sessions.is_empty() && revoked.mailboxes.is_empty() {
             return false;

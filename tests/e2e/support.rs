@@ -130,13 +130,30 @@ impl Server {
             .to_owned()
     }
 
-    pub fn internal_token(&self) -> String {
-        self.secret_file("internal_token")
+    /// A setting this server was started with.
+    fn env_value(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
-    /// A session token for `user`, minted like `pns token` does.
+    /// The configured internal token, else the generated one.
+    pub fn internal_token(&self) -> String {
+        match self.env_value("PNS_INTERNAL_TOKEN") {
+            Some(list) => list.split(',').next().unwrap().trim().to_owned(),
+            None => self.secret_file("internal_token"),
+        }
+    }
+
+    /// A session token for `user`, minted like `pns token` does (with the
+    /// configured secret, else the generated one).
     pub fn sid(&self, user: &str) -> String {
-        pns::session::mint(self.secret_file("jwt_secret").as_bytes(), user, 3600, None).unwrap()
+        let secret = match self.env_value("PNS_JWT_SECRET") {
+            Some(s) => s.to_owned(),
+            None => self.secret_file("jwt_secret"),
+        };
+        pns::session::mint(secret.as_bytes(), user, 3600, None).unwrap()
     }
 
     pub fn public_url(&self, path: &str) -> String {
