@@ -540,3 +540,60 @@ async fn retention_on_several_nodes_keeps_the_newest_messages_of_each_user() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_batch_keeps_its_order_and_stores_a_key_repeated_inside_it_once() {
+    let schema = Schema::create().await;
+    let n = nodes(&schema, 1).await;
+    let sid = n[0].sid("alice@example.com");
+    let item = |subject: &str, key: Option<&str>| {
+        let mut m = mail("alice@example.com", subject);
+        if let Some(k) = key {
+            m["dedupKey"] = json!(k);
+        }
+        m
+    };
+    let a = n[0]
+        .notify(json!({"messages": [item("m0", Some("a")), item("m1", None), item("m2", Some("a")), item("m3", Some("b"))]}))
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    assert_eq!(a.body["accepted"], 3);
+    assert_eq!(a.body["duplicates"], 1);
+    assert_eq!(a.body["ids"][2], a.body["ids"][0]);
+    assert_eq!(
+        n[0].poll(&sid, "timeout=0").await.subjects(),
+        ["m0", "m1", "m3"]
+    );
+}
+
+#[tokio::test]
+async fn batches_for_the_same_users_in_any_order_on_several_nodes_all_succeed() {
+    let schema = Schema::create().await;
+    let n = nodes(&schema, 2).await;
+    let sid = n[0].sid("b@example.com");
+    let users = ["a@example.com", "b@example.com", "c@example.com"];
+    let batch = |order: &[usize], tag: &str| {
+        let messages: Vec<Value> = order
+            .iter()
+            .map(|&u| mail(users[u], &format!("{tag}-{u}")))
+            .collect();
+        json!({ "messages": messages })
+    };
+    let run = |i: usize, order: &'static [usize]| {
+        let s = &n[i];
+        async move {
+            for round in 0..15 {
+                let a = s.notify(batch(order, &format!("r{round}"))).await;
+                assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+            }
+        }
+    };
+    tokio::join!(
+        run(0, &[0, 1, 2]),
+        run(1, &[2, 1, 0]),
+        run(0, &[1, 2, 0]),
+        run(1, &[2, 0, 1]),
+    );
+    let a = n[1].poll(&sid, "cursor=1.0&timeout=0").await;
+    assert_eq!(a.c(), 60);
+}
