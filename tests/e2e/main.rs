@@ -3,3 +3,6 @@
 mod support;
 
 mod delivery;
+mod internal_api;
+mod lifecycle;
+mod sessions;
