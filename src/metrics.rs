@@ -107,7 +107,13 @@ impl Metrics {
         for source in [SourceValue::api, SourceValue::maildir, SourceValue::dovecot] {
             let _ = accepted.get_or_create(&SourceLabel { source });
         }
-        for outcome in [Outcome::message, Outcome::timeout, Outcome::superseded, Outcome::shutdown, Outcome::error] {
+        for outcome in [
+            Outcome::message,
+            Outcome::timeout,
+            Outcome::superseded,
+            Outcome::shutdown,
+            Outcome::error,
+        ] {
             let _ = poll_answers.get_or_create(&OutcomeLabel { outcome });
         }
         Metrics {

@@ -12,7 +12,16 @@ async fn the_internal_api_refuses_a_missing_or_wrong_token() {
     let a = answer(s.http.post(&url).json(&body).send().await.unwrap()).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.body["errorCode"], "UNAUTHORIZED");
-    let a = answer(s.http.post(&url).bearer_auth("wrong-token-wrong-token").json(&body).send().await.unwrap()).await;
+    let a = answer(
+        s.http
+            .post(&url)
+            .bearer_auth("wrong-token-wrong-token")
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     // The public listener does not serve the internal API at all.
     let a = answer(
@@ -34,7 +43,12 @@ async fn bad_bodies_get_the_status_that_names_the_problem() {
     let url = s.internal_url("/internal/v1/notify");
     let token = s.internal_token();
     let post = |body: Vec<u8>, ct: &'static str| {
-        let req = s.http.post(&url).bearer_auth(&token).header("content-type", ct).body(body);
+        let req = s
+            .http
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", ct)
+            .body(body);
         async move { answer(req.send().await.unwrap()).await }
     };
     let big = format!(
@@ -47,23 +61,50 @@ async fn bad_bodies_get_the_status_that_names_the_problem() {
 
     let a = post(br#"{"user":"a@x","type":70}"#.to_vec(), "text/plain").await;
     assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert!(a.body["error"].as_str().unwrap().contains("application/json"));
+    assert!(a.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("application/json"));
 
     let a = post(br#"{"user":"a@x","type":70"#.to_vec(), "application/json").await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert_eq!(a.body["errorCode"], "BAD_REQUEST");
 
-    let a = post(br#"{"type":70}"#.to_vec(), "application/json; charset=utf-8").await;
+    let a = post(
+        br#"{"type":70}"#.to_vec(),
+        "application/json; charset=utf-8",
+    )
+    .await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(a.body["error"].as_str().unwrap().contains("user"), "{}", a.body);
+    assert!(
+        a.body["error"].as_str().unwrap().contains("user"),
+        "{}",
+        a.body
+    );
 
-    let a = post(br#"{"user":"a@x","type":70,"data":[1]}"#.to_vec(), "application/json").await;
+    let a = post(
+        br#"{"user":"a@x","type":70,"data":[1]}"#.to_vec(),
+        "application/json",
+    )
+    .await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(a.body["error"].as_str().unwrap().contains("data"), "{}", a.body);
+    assert!(
+        a.body["error"].as_str().unwrap().contains("data"),
+        "{}",
+        a.body
+    );
 
-    let a = post(br#"{"user":"a@x","type":70,"dedupkey":"k"}"#.to_vec(), "application/json").await;
+    let a = post(
+        br#"{"user":"a@x","type":70,"dedupkey":"k"}"#.to_vec(),
+        "application/json",
+    )
+    .await;
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(a.body["error"].as_str().unwrap().contains("dedupkey"), "{}", a.body);
+    assert!(
+        a.body["error"].as_str().unwrap().contains("dedupkey"),
+        "{}",
+        a.body
+    );
 
     let too_many: Vec<_> = (0..1001).map(|i| mail("a@x", &i.to_string())).collect();
     let a = s.notify(json!({ "messages": too_many })).await;
@@ -73,7 +114,10 @@ async fn bad_bodies_get_the_status_that_names_the_problem() {
     // None of it was stored.
     let sid = s.sid("a@x");
     assert_eq!(s.poll(&sid, "timeout=0&cursor=1.0").await.c(), 0);
-    assert_eq!(s.internal_get("/internal/v1/stats").await.body["messagesStored"], 0);
+    assert_eq!(
+        s.internal_get("/internal/v1/stats").await.body["messagesStored"],
+        0
+    );
 }
 
 #[tokio::test]
@@ -85,7 +129,15 @@ async fn health_and_readiness_answer_on_both_listeners() {
             assert_eq!(r.status(), StatusCode::OK, "{base}{path}");
         }
     }
-    let metrics = s.http.get(s.internal_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = s
+        .http
+        .get(s.internal_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("pns_polls_held"));
     assert!(metrics.contains("pns_messages_accepted_total"));
     // Metrics are for operators, not on the public listener.
@@ -100,7 +152,15 @@ async fn first_metrics_move_with_traffic() {
     s.poll(&sid, "timeout=0").await;
     s.mail("alice@example.com", "m").await;
     s.poll(&sid, "timeout=0").await;
-    let metrics = s.http.get(s.internal_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = s
+        .http
+        .get(s.internal_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |needle: &str| -> f64 {
         metrics
             .lines()

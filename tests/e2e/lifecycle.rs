@@ -31,7 +31,9 @@ async fn a_delayed_message_survives_a_restart_and_still_comes() {
 #[tokio::test]
 async fn sigterm_answers_held_polls_at_once_and_exits_cleanly() {
     let mut s = Server::start();
-    let sids: Vec<String> = (0..5).map(|i| s.sid(&format!("u{i}@example.com"))).collect();
+    let sids: Vec<String> = (0..5)
+        .map(|i| s.sid(&format!("u{i}@example.com")))
+        .collect();
     let polls: Vec<_> = sids
         .iter()
         .map(|sid| {
@@ -45,7 +47,9 @@ async fn sigterm_answers_held_polls_at_once_and_exits_cleanly() {
         assert!(std::time::Instant::now() < deadline, "polls were not held");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (code, took) = tokio::task::spawn_blocking(move || s.sigterm()).await.unwrap();
+    let (code, took) = tokio::task::spawn_blocking(move || s.sigterm())
+        .await
+        .unwrap();
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(10), "exit took {took:?}");
     for p in polls {

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod cli;
 mod delivery;
 mod internal_api;
 mod lifecycle;

@@ -16,7 +16,12 @@ fn now() -> i64 {
 
 fn hs256(secret: &str, claims: serde_json::Value) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
 }
 
 async fn assert_refused(s: &Server, sid: &str, why: &str) {
@@ -25,7 +30,10 @@ async fn assert_refused(s: &Server, sid: &str, why: &str) {
     assert_eq!(a.body["errorCode"], "SESSION_INVALID", "{why}");
     assert_eq!(a.body["c"], 0);
     assert_eq!(a.body["msg"], json!([]));
-    assert!(a.body["error"].as_str().is_some_and(|e| !e.is_empty()), "{why}: no reason given");
+    assert!(
+        a.body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{why}: no reason given"
+    );
     assert_eq!(a.headers["cache-control"], "no-store");
 }
 
@@ -34,9 +42,15 @@ async fn bad_sessions_are_refused_with_401() {
     let s = Server::start();
     let secret = s.secret_file("jwt_secret");
     let t = now();
-    let expired = hs256(&secret, json!({"sub": "a@x", "iat": t - 7200, "exp": t - 3600, "jti": "e"}));
+    let expired = hs256(
+        &secret,
+        json!({"sub": "a@x", "iat": t - 7200, "exp": t - 3600, "jti": "e"}),
+    );
     assert_refused(&s, &expired, "expired").await;
-    let forged = hs256("someone-elses-secret-of-enough-length!!", json!({"sub": "a@x", "iat": t, "exp": t + 600}));
+    let forged = hs256(
+        "someone-elses-secret-of-enough-length!!",
+        json!({"sub": "a@x", "iat": t, "exp": t + 600}),
+    );
     assert_refused(&s, &forged, "forged").await;
     assert_refused(&s, "not-a-token", "malformed").await;
     assert_refused(&s, "a.b.c", "malformed parts").await;
@@ -51,7 +65,14 @@ async fn bad_sessions_are_refused_with_401() {
     let no_exp = hs256(&secret, json!({"sub": "a@x", "iat": t}));
     assert_refused(&s, &no_exp, "no exp").await;
     // Missing altogether.
-    let a = answer(s.http.get(s.public_url("/pns/poll?timeout=0")).send().await.unwrap()).await;
+    let a = answer(
+        s.http
+            .get(s.public_url("/pns/poll?timeout=0"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.body["errorCode"], "SESSION_INVALID");
 }
@@ -82,7 +103,12 @@ async fn an_hs256_token_signed_with_the_public_key_is_refused() {
     let t = now();
     let claims = json!({"sub": "a@x", "iat": t, "exp": t + 600, "jti": "j"});
     let pem = std::fs::read_to_string(&pubkey).unwrap();
-    assert_refused(&s, &hs256(&pem, claims.clone()), "HS256 with the public key as secret").await;
+    assert_refused(
+        &s,
+        &hs256(&pem, claims.clone()),
+        "HS256 with the public key as secret",
+    )
+    .await;
     // The real thing, signed with the private key, is accepted.
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     let good = encode(
@@ -102,7 +128,15 @@ async fn the_sid_may_come_as_bearer_header_or_cookie() {
     let url = s.public_url("/pns/poll?timeout=0&cursor=1.0");
     let a = answer(s.http.get(&url).bearer_auth(&sid).send().await.unwrap()).await;
     assert_eq!(a.subjects(), ["hi"]);
-    let a = answer(s.http.get(&url).header("cookie", format!("lang=en; pns_sid={sid}")).send().await.unwrap()).await;
+    let a = answer(
+        s.http
+            .get(&url)
+            .header("cookie", format!("lang=en; pns_sid={sid}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(a.subjects(), ["hi"]);
 }
 
@@ -116,7 +150,8 @@ async fn revoking_a_session_ends_its_held_poll_with_401_and_refuses_it_later() {
     let held = s.poll(&sid, "timeout=20");
     let revoke = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        s.internal_post("/internal/v1/sessions/revoke", json!({ "jti": jti })).await
+        s.internal_post("/internal/v1/sessions/revoke", json!({ "jti": jti }))
+            .await
     };
     let (held, revoked) = tokio::join!(held, revoke);
     assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.body);
@@ -133,10 +168,15 @@ async fn revoking_a_user_ends_all_their_sessions() {
     let s = Server::start();
     let (a, b) = (s.sid("alice@example.com"), s.sid("alice@example.com"));
     let bob = s.sid("bob@example.com");
-    let (ha, hb, revoke) = tokio::join!(s.poll(&a, "timeout=20"), s.poll(&b, "timeout=20"), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        s.internal_post("/internal/v1/sessions/revoke", json!({"user": "alice@example.com"})).await
-    });
+    let (ha, hb, revoke) =
+        tokio::join!(s.poll(&a, "timeout=20"), s.poll(&b, "timeout=20"), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.internal_post(
+                "/internal/v1/sessions/revoke",
+                json!({"user": "alice@example.com"}),
+            )
+            .await
+        });
     assert_eq!(revoke.status, StatusCode::OK);
     assert_eq!(ha.status, StatusCode::UNAUTHORIZED);
     assert_eq!(hb.status, StatusCode::UNAUTHORIZED);
@@ -148,7 +188,9 @@ async fn revoking_a_user_ends_all_their_sessions() {
 
 fn jti_of(token: &str) -> String {
     let payload = token.split('.').nth(1).unwrap();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     v["jti"].as_str().unwrap().to_owned()
 }
