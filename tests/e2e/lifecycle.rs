@@ -58,3 +58,44 @@ async fn sigterm_answers_held_polls_at_once_and_exits_cleanly() {
         assert_eq!(a.c(), 0);
     }
 }
+
+#[tokio::test]
+async fn a_batch_in_flight_at_sigterm_is_stored_whole_or_not_at_all() {
+    let mut s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let batch: Vec<_> = (0..1000)
+        .map(|i| mail("alice@example.com", &format!("m{i}")))
+        .collect();
+    let req = s
+        .http
+        .post(s.internal_url("/internal/v1/notify"))
+        .bearer_auth(s.internal_token())
+        .json(&serde_json::json!({ "messages": batch }));
+    let sent = tokio::spawn(async move { req.send().await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut s = tokio::task::spawn_blocking(move || {
+        assert_eq!(s.sigterm().0, Some(0));
+        s
+    })
+    .await
+    .unwrap();
+    let status = sent.await.unwrap();
+    s = s.kill9_and_restart();
+    let mut cursor = "1.0".to_owned();
+    let mut delivered = 0;
+    loop {
+        let a = s.poll(&sid, &format!("timeout=0&cursor={cursor}")).await;
+        delivered += a.c();
+        cursor = a.cursor();
+        if a.body["more"] != true {
+            break;
+        }
+    }
+    match status {
+        Ok(StatusCode::ACCEPTED) => assert_eq!(delivered, 1000),
+        other => assert!(
+            delivered == 0 || delivered == 1000,
+            "{other:?}: {delivered} of 1000 stored"
+        ),
+    }
+}
