@@ -194,3 +194,31 @@ fn jti_of(token: &str) -> String {
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     v["jti"].as_str().unwrap().to_owned()
 }
+
+#[tokio::test]
+async fn with_an_audience_configured_tokens_must_carry_it() {
+    let s = Server::start_with(&[("PNS_JWT_AUDIENCE", "pns")]);
+    let secret = s.secret_file("jwt_secret");
+    let t = now();
+    let without = hs256(&secret, json!({"sub": "a@x", "iat": t, "exp": t + 600}));
+    assert_refused(&s, &without, "no aud").await;
+    let wrong = hs256(
+        &secret,
+        json!({"sub": "a@x", "iat": t, "exp": t + 600, "aud": "other"}),
+    );
+    assert_refused(&s, &wrong, "wrong aud").await;
+    let right = hs256(
+        &secret,
+        json!({"sub": "a@x", "iat": t, "exp": t + 600, "aud": "pns"}),
+    );
+    assert_eq!(s.poll(&right, "timeout=0").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_token_expired_within_the_leeway_still_works() {
+    let s = Server::start();
+    let secret = s.secret_file("jwt_secret");
+    let t = now();
+    let just = hs256(&secret, json!({"sub": "a@x", "iat": t - 60, "exp": t - 5}));
+    assert_eq!(s.poll(&just, "timeout=0").await.status, StatusCode::OK);
+}
