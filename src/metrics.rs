@@ -103,6 +103,19 @@ impl Metrics {
             "From a message becoming visible to its poll answer",
             delivery_latency.clone(),
         );
+        // Every series exists from the start, so rates and alerts see zeros.
+        for source in [SourceValue::api, SourceValue::maildir, SourceValue::dovecot] {
+            let _ = accepted.get_or_create(&SourceLabel { source });
+        }
+        for outcome in [
+            Outcome::message,
+            Outcome::timeout,
+            Outcome::superseded,
+            Outcome::shutdown,
+            Outcome::error,
+        ] {
+            let _ = poll_answers.get_or_create(&OutcomeLabel { outcome });
+        }
         Metrics {
             registry,
             polls_held,

@@ -2,5 +2,9 @@
 
 mod support;
 
+mod cli;
 mod cluster;
 mod delivery;
+mod internal_api;
+mod lifecycle;
+mod sessions;
