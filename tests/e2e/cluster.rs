@@ -39,11 +39,12 @@ impl Schema {
         Schema { name, admin }
     }
 
-    /// The database URL of a node: this schema, and an application name
-    /// that tells this test's connections apart in `pg_stat_activity`.
+    /// The database URL of a node: this schema, a small pool (tests run side
+    /// by side), and an application name that tells this test's connections
+    /// apart in `pg_stat_activity`.
     fn url(&self) -> String {
         format!(
-            "{}?schema={}&application_name={}",
+            "{}?schema={}&pool_size=4&application_name={}",
             postgres_url(),
             self.name,
             self.name
