@@ -191,8 +191,11 @@ async fn stats(config: &Config, watch: bool, json: bool) -> anyhow::Result<()> {
 /// The stats as aligned lines, for people.
 pub fn render_stats(node: &str, s: &crate::wire::Stats) -> String {
     let ms = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| format!("{v} ms"));
-    let answers = s
-        .poll_answers
+    // In the order a poll's life suggests, then any this pns does not know.
+    let known = crate::metrics::Outcome::ALL.map(|o| o.as_str());
+    let mut outcomes: Vec<(&String, &u64)> = s.poll_answers.iter().collect();
+    outcomes.sort_by_key(|(k, _)| known.iter().position(|n| n == k).unwrap_or(known.len()));
+    let answers = outcomes
         .iter()
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>()
@@ -227,10 +230,15 @@ pub fn render_stats(node: &str, s: &crate::wire::Stats) -> String {
         (
             "delivery latency",
             format!(
-                "p50 {}, p99 {} (last {} deliveries)",
+                "p50 {}, p99 {} (over the last {} {})",
                 ms(s.delivery_latency_ms.p50),
                 ms(s.delivery_latency_ms.p99),
-                s.delivery_latency_ms.samples
+                s.delivery_latency_ms.samples,
+                if s.delivery_latency_ms.samples == 1 {
+                    "delivery"
+                } else {
+                    "deliveries"
+                }
             ),
         ),
         ("poll answers", answers),
