@@ -79,7 +79,20 @@ pub fn parse_nets(list: &str) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
-/// The address a request is counted under, from its peer and headers.
+/// The key an address's poll rate is counted under: an IPv4 address itself,
+/// an IPv6 address's /64 network, since one client usually holds a whole /64.
+pub fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::from(o)
+        }
+        v4 => v4,
+    }
+}
+
+/// The address a request comes from, from its peer and headers.
 pub fn client_address(
     peer: Option<IpAddr>,
     headers: &HeaderMap,
@@ -140,6 +153,17 @@ mod tests {
             .contains("::ffff:127.0.0.1".parse().unwrap()));
         assert!(IpNet::parse("10.0.0.0/33").is_err());
         assert!(IpNet::parse("proxy.local").is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_share_a_rate_per_64() {
+        let a = rate_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = rate_key("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = rate_key("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(rate_key(v4), v4);
     }
 
     #[test]

@@ -155,8 +155,24 @@ async fn stats(config: &Config, watch: bool, json: bool) -> anyhow::Result<()> {
         .unwrap_or_default();
     let addr = config.internal_listen;
     loop {
-        let (status, text) =
-            request(addr, hyper::Method::GET, "/internal/v1/stats", token, None).await?;
+        let fetched = request(addr, hyper::Method::GET, "/internal/v1/stats", token, None).await;
+        let (status, text) = match fetched {
+            Ok(answer) => answer,
+            // A node restarting under --watch comes back; keep watching.
+            Err(e) if watch => {
+                print!(
+                    "\x1b[2J\x1b[Hpns stats: {e:#}\n(retrying every {} s; Ctrl-C to stop)\n",
+                    WATCH_EVERY.as_secs()
+                );
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_EVERY) => continue,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         if status == 401 {
             bail!("the node at {addr} refused the internal token: set PNS_INTERNAL_TOKEN (or --config) as for the node");
         }

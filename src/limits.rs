@@ -66,9 +66,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - bucket.tokens) / self.rate.per_sec,
-            ))
+            Err(secs((1.0 - bucket.tokens) / self.rate.per_sec))
         }
     }
 
@@ -88,7 +86,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
     /// How long an empty bucket takes to fill.
     fn refill_time(&self) -> Duration {
-        Duration::from_secs_f64(f64::from(self.rate.burst) / self.rate.per_sec)
+        secs(f64::from(self.rate.burst) / self.rate.per_sec)
     }
 
     /// Drop the buckets that have refilled; run now and then.
@@ -114,6 +112,11 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Seconds as a duration; a rate so small that it overflows waits for ever.
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
 }
 
 /// Whole seconds for `Retry-After`, at least 1.

@@ -48,7 +48,7 @@ async fn poll_inner(
     let address = crate::address::client_address(peer, headers, &app.config.trusted_proxies);
     if let Some(ip) = address {
         app.address_limits
-            .check(&ip, Instant::now())
+            .check(&crate::address::rate_key(ip), Instant::now())
             .map_err(|wait| rate_limited(app, LimitScope::address, wait))?;
     }
     let query: PollQuery = match query.as_deref() {

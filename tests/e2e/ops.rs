@@ -11,24 +11,17 @@ use tokio::task::JoinHandle;
 
 /// `GET /metrics` on the internal listener, without a token.
 async fn metrics(s: &Server) -> String {
-    let r = s
-        .http
-        .get(s.internal_url("/metrics"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.http.get(s.internal_url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     r.text().await.unwrap()
 }
 
 /// The value of the sample `series` (name with labels, exactly as written).
 fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().unwrap())
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().unwrap())
+    })
 }
 
 async fn metric(s: &Server, series: &str) -> f64 {
@@ -163,7 +156,10 @@ async fn metrics_follow_polls_answers_and_deliveries() {
     let older = spawn_poll(&s, &sid, &format!("cursor={cursor}&timeout=20"));
     metric_becomes(&s, "pns_polls_held", 1.0).await;
     let newer = s
-        .poll(&sid, &format!("cursor={cursor}&timeout=0&comeFrom=my%20app!"))
+        .poll(
+            &sid,
+            &format!("cursor={cursor}&timeout=0&comeFrom=my%20app!"),
+        )
         .await;
     assert_eq!(newer.c(), 0);
     assert_eq!(older.await.unwrap().c(), 0);
@@ -378,6 +374,16 @@ async fn an_opaque_session_gets_mail_from_its_registration_on_until_deleted() {
     assert_eq!(list[0]["jti"], sha256_hex(sid));
     assert_eq!(list[0]["kind"], "opaque");
     assert_eq!(list[0]["messagesDelivered"], 1);
+    // Registering it again while it lives moves only its expiry.
+    let again = s
+        .internal_post(
+            "/internal/v1/sessions",
+            json!({"sid": sid, "user": "alice@example.com", "ttlSecs": 7200}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.body["startMs"].as_i64().unwrap(), start);
+    assert!(again.body["expiresMs"].as_i64().unwrap() >= start + 7_200_000);
     // The cookie works as for tokens.
     let by_cookie = s
         .http
@@ -406,7 +412,10 @@ async fn an_opaque_session_gets_mail_from_its_registration_on_until_deleted() {
     // An unknown opaque sid is refused, not looked up as a JWT.
     let unknown = s.poll("never-registered-0123456789", "timeout=0").await;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
-    assert!(unknown.body["error"].as_str().unwrap().contains("not known"));
+    assert!(unknown.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("not known"));
 }
 
 #[tokio::test]
@@ -578,7 +587,9 @@ async fn long_urls_and_oversized_bodies_are_refused() {
     assert_eq!(with_body.body["errorCode"], "PAYLOAD_TOO_LARGE");
 
     let big = s
-        .notify(json!({"user": "alice@example.com", "type": 70, "data": {"subject": "x".repeat(4000)}}))
+        .notify(
+            json!({"user": "alice@example.com", "type": 70, "data": {"subject": "x".repeat(4000)}}),
+        )
         .await;
     assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(big.body["error"].as_str().unwrap().contains("2048"));
