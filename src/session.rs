@@ -98,10 +98,15 @@ impl SessionValidator {
         };
         let mut validation = Validation::new(alg);
         validation.leeway = EXP_LEEWAY_SECS;
-        validation.set_required_spec_claims(&["exp", "sub"]);
         match audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+            }
+            None => {
+                validation.validate_aud = false;
+                validation.set_required_spec_claims(&["exp", "sub"]);
+            }
         }
         Ok(SessionValidator {
             key,

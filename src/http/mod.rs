@@ -44,11 +44,12 @@ pub fn public_router(app: Arc<App>) -> Router {
         .route("/pns/client.js", get(demo::client_js))
         .route("/", get(demo::page))
         .route("/pns/demo/session", get(demo::session))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
+        // On known routes only: elsewhere the answer is 404 whatever the size.
+        .route_layer(middleware::from_fn_with_state(
             app.clone(),
             limits::public_request,
         ))
+        .fallback(not_found)
         .with_state(app.clone())
         .layer(no_store());
     if !app.config.allowed_origins.is_empty() {

@@ -5,6 +5,8 @@
 //! tells the delay scheduler about delayed ones. Data flows one way from
 //! here: store, then hub, then poll answers.
 
+pub mod mime;
+
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::scheduler::DelayScheduler;

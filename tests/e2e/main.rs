@@ -2,5 +2,9 @@
 
 mod support;
 
+mod cli;
 mod delivery;
+mod internal_api;
+mod lifecycle;
 mod ops;
+mod sessions;

@@ -668,21 +668,12 @@ async fn pns_stats_prints_a_summary_of_a_running_node() {
     s.mail("alice@example.com", "one").await;
     assert_eq!(s.poll(&sid, "timeout=0").await.c(), 1);
     let run = |args: &[&str], internal: String| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pns"))
-            .arg("stats")
-            .args(args)
-            .env_clear()
-            .env("PNS_INTERNAL_LISTEN", internal)
-            .env(
-                "PNS_DATABASE_URL",
-                format!("sqlite://{}/pns.db", s.dir.display()),
-            )
-            .output()
-            .unwrap()
+        let mut argv = vec!["stats"];
+        argv.extend_from_slice(args);
+        pns(&s.dir, &argv, &[("PNS_INTERNAL_LISTEN", &internal)])
     };
-    let out = run(&[], s.internal.to_string());
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
+    let (code, text, err) = run(&[], s.internal.to_string());
+    assert_eq!(code, 0, "{err}");
     let labels = [
         "sessions active",
         "polls held",
@@ -717,16 +708,15 @@ async fn pns_stats_prints_a_summary_of_a_running_node() {
     assert!(line("delivery latency").contains("ms"), "{text}");
     assert!(line("comeFrom").contains("webmail 1"), "{text}");
 
-    let out = run(&["--json"], s.internal.to_string());
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, out, _) = run(&["--json"], s.internal.to_string());
+    let json: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["messagesDelivered"], 1);
 
     // No node there: a clear error, not a hang.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap();
     drop(free);
-    let out = run(&[], addr.to_string());
-    assert!(!out.status.success());
-    let err = String::from_utf8(out.stderr).unwrap();
+    let (code, _, err) = run(&[], addr.to_string());
+    assert_ne!(code, 0);
     assert!(err.contains("cannot reach"), "{err}");
 }

@@ -18,6 +18,7 @@ pub struct Server {
     pub internal: SocketAddr,
     pub dir: PathBuf,
     env: Vec<(String, String)>,
+    args: Vec<String>,
     pub http: reqwest::Client,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -36,20 +37,26 @@ impl Server {
 
     /// A server with extra `PNS_*` environment variables.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
-        let tmp = tempfile::tempdir().expect("tempdir");
+        Server::start_in(tempfile::tempdir().expect("tempdir"), &[], env)
+    }
+
+    /// A server with extra `pns serve` arguments and environment, with its data in `tmp`.
+    pub fn start_in(tmp: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tmp.path().to_path_buf();
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut s = Server::spawn(dir, env);
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut s = Server::spawn(dir, env, args);
         s._tmp = Some(tmp);
         s
     }
 
-    fn spawn(dir: PathBuf, env: Vec<(String, String)>) -> Server {
+    fn spawn(dir: PathBuf, env: Vec<(String, String)>, args: Vec<String>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pns"));
         cmd.arg("serve")
+            .args(&args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("PNS_LOG", "info")
@@ -97,6 +104,7 @@ impl Server {
             child,
             dir,
             env,
+            args,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
                 .build()
@@ -110,7 +118,7 @@ impl Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let tmp = self._tmp.take();
-        let mut s = Server::spawn(self.dir.clone(), self.env.clone());
+        let mut s = Server::spawn(self.dir.clone(), self.env.clone(), self.args.clone());
         s._tmp = tmp;
         s
     }
@@ -236,4 +244,25 @@ impl Answer {
 
 pub fn dir_exists(p: &Path) -> bool {
     p.is_dir()
+}
+
+/// Run `pns ARGS` to completion with the data of `dir`; returns (exit code, stdout, stderr).
+pub fn pns(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pns"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "PNS_DATABASE_URL",
+            format!("sqlite://{}/pns.db", dir.display()),
+        );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run pns");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
