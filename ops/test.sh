@@ -11,6 +11,9 @@ say() { printf '\n== %s\n' "$*"; }
 
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
+# Real peers the checks use: nginx (-t on the shipped configs), promtool.
+have nginx || need_apt+=(nginx)
+have promtool || need_apt+=(prometheus)
 
 # PostgreSQL: the cluster tests use postgres://postgres@127.0.0.1:5432/test.
 if have pg_isready && ! pg_isready -q -h 127.0.0.1 -p 5432; then
