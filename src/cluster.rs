@@ -42,12 +42,21 @@ async fn apply(app: &App, event: StoreEvent) {
         StoreEvent::SessionRevoked { jti, expires_ms } => {
             app.sessions.note_revoked_session(&jti, expires_ms);
             app.hub.revoke_session(&jti);
+            app.registry.forget_session(&jti);
         }
         StoreEvent::MailboxRevoked { user, at_ms } => {
             app.sessions.note_revoked_mailbox(&user, at_ms);
             // Woken polls check their session against the revocation, so a
             // session begun after `at_ms` keeps polling.
             app.hub.wake(&user);
+            app.registry.forget_user(&user);
+        }
+        StoreEvent::OpaqueSessionChanged { sid_hash, deleted } => {
+            app.opaque.forget(&sid_hash);
+            if deleted {
+                app.hub.revoke_session(&sid_hash);
+                app.registry.forget_session(&sid_hash);
+            }
         }
         StoreEvent::DelayedAccepted => app.scheduler.reschedule(),
         StoreEvent::PollStarted {

@@ -41,8 +41,8 @@
 //! listening connection that died without a word.
 
 use super::{
-    new_message_id, Accepted, MessageStore, NewMessage, PurgeReport, RetentionPolicy, Revocations,
-    StoreError, StoreEvent, StoreResult, StoredMessage,
+    new_message_id, Accepted, MessageStore, NewMessage, OpaqueSession, PurgeReport,
+    RetentionPolicy, Revocations, StoreError, StoreEvent, StoreResult, StoredMessage,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -130,6 +130,7 @@ enum Wire {
     News { u: Vec<String> },
     Session { j: String, x: i64 },
     Mailbox { u: String, t: i64 },
+    Opaque { h: String, d: bool },
     Delayed,
     Polls { p: Vec<(String, String, i64)> },
     Beat,
@@ -845,6 +846,87 @@ impl MessageStore for PgStore {
         })
     }
 
+    async fn register_opaque_session(
+        &self,
+        sid_hash: &str,
+        user: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<OpaqueSession> {
+        let channel = self.prepared().await?;
+        let event = single_payload(
+            &self.shared.node,
+            Wire::Opaque {
+                h: sid_hash.to_owned(),
+                d: false,
+            },
+        );
+        let mut tx = self.pool.begin().await?;
+        let (user, start_ms, expires_ms): (String, i64, i64) = sqlx::query_as(
+            "INSERT INTO opaque_sessions (sid_hash, mailbox, created_ms, expires_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (sid_hash) DO UPDATE SET
+                 created_ms = CASE
+                     WHEN opaque_sessions.mailbox = excluded.mailbox
+                      AND opaque_sessions.expires_ms > excluded.created_ms
+                     THEN opaque_sessions.created_ms ELSE excluded.created_ms END,
+                 mailbox = excluded.mailbox,
+                 expires_ms = excluded.expires_ms
+             RETURNING mailbox, created_ms, expires_ms",
+        )
+        .bind(sid_hash)
+        .bind(user)
+        .bind(now_ms)
+        .bind(expires_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        // Other nodes may have cached the sid as unknown a moment ago.
+        notify(&mut tx, channel, &[event]).await?;
+        tx.commit().await?;
+        Ok(OpaqueSession {
+            user,
+            start_ms,
+            expires_ms,
+        })
+    }
+
+    async fn opaque_session(&self, sid_hash: &str) -> StoreResult<Option<OpaqueSession>> {
+        self.prepared().await?;
+        let row: Option<(String, i64, i64)> = sqlx::query_as(
+            "SELECT mailbox, created_ms, expires_ms FROM opaque_sessions WHERE sid_hash = $1",
+        )
+        .bind(sid_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(user, start_ms, expires_ms)| OpaqueSession {
+            user,
+            start_ms,
+            expires_ms,
+        }))
+    }
+
+    async fn delete_opaque_session(&self, sid_hash: &str) -> StoreResult<bool> {
+        let channel = self.prepared().await?;
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM opaque_sessions WHERE sid_hash = $1")
+            .bind(sid_hash)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if deleted {
+            let event = single_payload(
+                &self.shared.node,
+                Wire::Opaque {
+                    h: sid_hash.to_owned(),
+                    d: true,
+                },
+            );
+            notify(&mut tx, channel, &[event]).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     async fn purge(&self, policy: RetentionPolicy, now_ms: i64) -> StoreResult<PurgeReport> {
         let channel = self.prepared().await?;
         let mut tx = self.pool.begin().await?;
@@ -887,6 +969,11 @@ impl MessageStore for PgStore {
             .await?
             .rows_affected();
         report.revocations = sqlx::query("DELETE FROM revoked_sessions WHERE expires_ms < $1")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        report.opaque_sessions = sqlx::query("DELETE FROM opaque_sessions WHERE expires_ms < $1")
             .bind(now_ms)
             .execute(&mut *tx)
             .await?
@@ -1110,6 +1197,10 @@ fn dispatch(shared: &Shared, text: &str) {
             expires_ms: x,
         }),
         Wire::Mailbox { u, t } => send(StoreEvent::MailboxRevoked { user: u, at_ms: t }),
+        Wire::Opaque { h, d } => send(StoreEvent::OpaqueSessionChanged {
+            sid_hash: h,
+            deleted: d,
+        }),
         Wire::Delayed => send(StoreEvent::DelayedAccepted),
         Wire::Polls { p } => p.into_iter().for_each(|(user, session, at_ms)| {
             send(StoreEvent::PollStarted {

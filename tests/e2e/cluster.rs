@@ -102,12 +102,15 @@ impl Drop for Schema {
     }
 }
 
-/// A node on `url`, with the cluster's shared secret and token.
+/// A node on `url`, with the cluster's shared secret and token. Poll rate
+/// limits are off: these clients poll as fast as answers come.
 async fn node_on(url: &str) -> Server {
     Server::start_with(&[
         ("PNS_DATABASE_URL", url),
         ("PNS_JWT_SECRET", SECRET),
         ("PNS_INTERNAL_TOKEN", TOKEN),
+        ("PNS_SESSION_POLL_RATE", "0"),
+        ("PNS_ADDRESS_POLL_RATE", "0"),
     ])
 }
 
@@ -524,6 +527,7 @@ async fn retention_on_several_nodes_keeps_the_newest_messages_of_each_user() {
             ("PNS_INTERNAL_TOKEN", TOKEN),
             ("PNS_RETENTION_MAX_MESSAGES", "2"),
             ("PNS_RETENTION_INTERVAL_SECS", "1"),
+            ("PNS_SESSION_POLL_RATE", "0"),
         ])
     };
     let n = [start(), start()];
@@ -597,4 +601,49 @@ async fn batches_for_the_same_users_in_any_order_on_several_nodes_all_succeed() 
     );
     let a = n[1].poll(&sid, "cursor=1.0&timeout=0").await;
     assert_eq!(a.c(), 60);
+}
+
+#[tokio::test]
+async fn an_opaque_session_deleted_on_one_node_ends_its_poll_on_another() {
+    let schema = Schema::create().await;
+    let n = nodes(&schema, 3).await;
+    let sid = "webmail-sess-cluster-5b7d4c2a9e8f";
+    let r = n[0]
+        .internal_post(
+            "/internal/v1/sessions",
+            json!({"sid": sid, "user": "alice@example.com", "ttlSecs": 3600}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    // Registered on node 1, it polls on node 2.
+    let held = n[1].poll(sid, "timeout=20");
+    let send = async {
+        until_held(&n[1], 1).await;
+        n[0].mail("alice@example.com", "for the webmail").await;
+    };
+    let (a, _) = tokio::join!(held, send);
+    assert_eq!(a.subjects(), ["for the webmail"]);
+
+    let started = Instant::now();
+    let query = format!("cursor={}&timeout=20", a.cursor());
+    let held = n[1].poll(sid, &query);
+    let delete = async {
+        until_held(&n[1], 1).await;
+        let d = n[0]
+            .http
+            .delete(n[0].internal_url("/internal/v1/sessions"))
+            .bearer_auth(n[0].internal_token())
+            .json(&json!({"sid": sid}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(d.status(), StatusCode::OK);
+    };
+    let (ended, _) = tokio::join!(held, delete);
+    assert_eq!(ended.status, StatusCode::UNAUTHORIZED, "{}", ended.body);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        n[2].poll(sid, "timeout=0").await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }

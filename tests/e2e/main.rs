@@ -7,4 +7,5 @@ mod cluster;
 mod delivery;
 mod internal_api;
 mod lifecycle;
+mod ops;
 mod sessions;
