@@ -71,10 +71,7 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
                 Wake::News => continue,
                 Wake::Superseded => return Ok(empty(app, after, Outcome::superseded)),
                 Wake::ShuttingDown => return Ok(empty(app, after, Outcome::shutdown)),
-                Wake::Revoked => {
-                    app.metrics.answered(Outcome::error);
-                    return Err(SessionError::Revoked.into());
-                }
+                Wake::Revoked => return Err(SessionError::Revoked.into()),
             },
             _ = tokio::time::sleep_until(deadline) => return Ok(empty(app, after, Outcome::timeout)),
         }

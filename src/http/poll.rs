@@ -2,6 +2,7 @@
 
 use super::error::ApiError;
 use crate::app::App;
+use crate::metrics::Outcome;
 use crate::poll::{decode_cursor, PollRequest};
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap};
@@ -24,6 +25,20 @@ pub async fn poll(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<crate::wire::PollAnswer>, ApiError> {
+    let answer = answer(&app, query, &headers).await;
+    // Every refusal counts, a 401 before any hold included: that is how an
+    // operator sees clients that keep polling with a dead session.
+    if answer.is_err() {
+        app.metrics.answered(Outcome::error);
+    }
+    answer.map(Json)
+}
+
+async fn answer(
+    app: &App,
+    query: Option<String>,
+    headers: &HeaderMap,
+) -> Result<crate::wire::PollAnswer, ApiError> {
     let query: PollQuery = match query.as_deref() {
         Some(q) => serde_urlencoded::from_str(q)
             .map_err(|e| ApiError::BadRequest(format!("query string is malformed: {e}")))?,
@@ -32,8 +47,8 @@ pub async fn poll(
     let sid = query
         .sid
         .as_deref()
-        .or_else(|| bearer(&headers))
-        .or_else(|| cookie(&headers, "pns_sid"))
+        .or_else(|| bearer(headers))
+        .or_else(|| cookie(headers, "pns_sid"))
         .ok_or(crate::session::SessionError::Missing)?;
     let session = app.sessions.validate(sid)?;
     let hold = app.config.hold;
@@ -54,16 +69,15 @@ pub async fn poll(
         Some(c) => Some(decode_cursor(c)?),
     };
     let _ = query.come_from;
-    let answer = crate::poll::answer(
-        &app,
+    crate::poll::answer(
+        app,
         PollRequest {
             session,
             cursor,
             timeout,
         },
     )
-    .await?;
-    Ok(Json(answer))
+    .await
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
