@@ -11,6 +11,9 @@ say() { printf '\n== %s\n' "$*"; }
 
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
+# Real peers the checks use: nginx (-t on the shipped configs), promtool.
+have nginx || need_apt+=(nginx)
+have promtool || need_apt+=(prometheus)
 
 # PostgreSQL: the cluster tests use postgres://postgres@127.0.0.1:5432/test.
 if have pg_isready && ! pg_isready -q -h 127.0.0.1 -p 5432; then
@@ -36,3 +39,6 @@ if [ -d web/test ]; then
   say "browser client unit tests (node --test)"
   (cd web && node --test test/)
 fi
+
+say "deployment files (ops/check.sh; tools that are missing are skipped)"
+ops/check.sh

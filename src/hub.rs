@@ -12,6 +12,10 @@
 //!
 //! The registry is split into shards by user, so that wakes for different
 //! users rarely contend on one lock.
+//!
+//! A user holds at most `user_cap` polls at once: parking one more releases
+//! that user's oldest with [`Wake::Capped`], so a runaway client (or many tabs
+//! without the shared poll) cannot pin sockets without end.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -32,6 +36,8 @@ pub enum Wake {
     Revoked,
     /// The node is shutting down; answer empty at once.
     ShuttingDown,
+    /// The user holds too many polls and this is the oldest; answer empty.
+    Capped,
 }
 
 struct Waiter {
@@ -51,6 +57,7 @@ pub struct Hub {
     next_id: AtomicU64,
     held: AtomicUsize,
     closed: AtomicBool,
+    user_cap: usize,
 }
 
 /// A poll's place in the hub; await [`Parked::woken`], drop to leave.
@@ -69,6 +76,7 @@ impl Default for Hub {
             next_id: AtomicU64::new(1),
             held: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            user_cap: usize::MAX,
         }
     }
 }
@@ -76,6 +84,14 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Arc<Self> {
         Arc::new(Hub::default())
+    }
+
+    /// A hub that lets each user hold at most `cap` polls.
+    pub fn with_user_cap(cap: usize) -> Arc<Self> {
+        Arc::new(Hub {
+            user_cap: cap.max(1),
+            ..Hub::default()
+        })
     }
 
     fn shard(&self, user: &str) -> MutexGuard<'_, Shard> {
@@ -114,6 +130,19 @@ impl Hub {
                 true
             }
         });
+        if waiters.len() >= self.user_cap {
+            // Ids grow with time, so the smallest is the oldest.
+            if let Some(oldest) = waiters
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, w)| w.id)
+                .map(|(i, _)| i)
+            {
+                let w = waiters.swap_remove(oldest);
+                let _ = w.wake.send(Wake::Capped);
+                released += 1;
+            }
+        }
         waiters.push(Waiter {
             id,
             session: Arc::from(session),
@@ -263,6 +292,18 @@ mod tests {
         let _new = hub.park("a@x", "s1");
         assert_eq!(old.woken().await, Wake::Superseded);
         assert_eq!(hub.held(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_user_past_the_cap_loses_the_oldest_poll() {
+        let hub = Hub::with_user_cap(2);
+        let mut first = hub.park("a@x", "s1");
+        let _second = hub.park("a@x", "s2");
+        let _other_user = hub.park("b@x", "s9");
+        let _third = hub.park("a@x", "s3");
+        assert_eq!(first.woken().await, Wake::Capped);
+        assert_eq!(hub.held(), 3);
+        assert_eq!(hub.held_by_session("a@x").len(), 2);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Answering a poll: read the store from the session's position, and if there
 //! is no news, wait in the hub until there is, the hold ends, a newer poll of
-//! the session takes over, the session is revoked or the node shuts down.
+//! the session takes over, the session is revoked, the user holds too many
+//! polls, or the node shuts down.
 
 use crate::app::App;
 use crate::http::error::ApiError;
@@ -71,6 +72,8 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
                 Wake::News => continue,
                 Wake::Superseded => return Ok(empty(app, after, Outcome::superseded)),
                 Wake::ShuttingDown => return Ok(empty(app, after, Outcome::shutdown)),
+                Wake::Capped => return Ok(empty(app, after, Outcome::capped)),
+                // Counted as an error answer by the handler.
                 Wake::Revoked => return Err(SessionError::Revoked.into()),
             },
             _ = tokio::time::sleep_until(deadline) => return Ok(empty(app, after, Outcome::timeout)),
@@ -104,9 +107,7 @@ async fn deliver(
     let now = crate::clock::now_ms();
     let mut msg = Vec::with_capacity(found.len());
     for m in found {
-        app.metrics
-            .delivery_latency
-            .observe((now - m.visible_ms).max(0) as f64 / 1000.0);
+        app.metrics.observe_delivery(now - m.visible_ms);
         let data = serde_json::value::RawValue::from_string(m.data).map_err(|e| {
             ApiError::Internal(anyhow::anyhow!("stored data of {} is not JSON: {e}", m.id))
         })?;

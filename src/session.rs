@@ -46,6 +46,8 @@ pub enum SessionError {
     MissingClaim(&'static str),
     #[error("session has been revoked")]
     Revoked,
+    #[error("session is not known: it was never registered, or has been deleted")]
+    Unknown,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -156,7 +158,8 @@ impl SessionValidator {
         Ok(session)
     }
 
-    fn is_revoked(&self, s: &Session) -> bool {
+    /// True when `s` is revoked, by its id or by its user's revocation.
+    pub fn is_revoked(&self, s: &Session) -> bool {
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         if revoked.sessions.is_empty() && revoked.mailboxes.is_empty() {
             return false;

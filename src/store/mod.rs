@@ -1,5 +1,5 @@
-//! The message store: where accepted messages, dedup keys, session positions
-//! and revocations live. One trait, [`MessageStore`], with SQLite (the embedded
+//! The message store: where accepted messages, dedup keys, session positions,
+//! revocations and opaque sessions live. One trait, [`MessageStore`], with SQLite (the embedded
 //! default) and PostgreSQL (the cluster store) behind it.
 //!
 //! Invariants every implementation keeps:
@@ -9,7 +9,10 @@
 //!   reader that has seen `seq = n` never later finds a new message below `n`.
 //! - A delayed message gets its `seq` when it becomes due, not when accepted.
 
+mod metered;
 mod sqlite;
+
+pub use metered::Metered;
 
 pub use sqlite::sqlite_path;
 
@@ -73,6 +76,17 @@ pub struct PurgeReport {
     pub dedup_keys: u64,
     pub positions: u64,
     pub revocations: u64,
+    pub opaque_sessions: u64,
+}
+
+/// An opaque session (a webmail sid that is not a JWT), known by the SHA-256
+/// of its sid; the sid itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpaqueSession {
+    pub user: String,
+    /// When it was first registered: where its news begins.
+    pub start_ms: i64,
+    pub expires_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +156,25 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn revoke_mailbox(&self, user: &str, revoked_ms: i64) -> StoreResult<()>;
     async fn revocations(&self, now_ms: i64) -> StoreResult<Revocations>;
 
-    /// Apply the retention policy.
+    /// Register an opaque session by the hex SHA-256 of its sid, until
+    /// `expires_ms`. Registering a live session of the same user again only
+    /// moves its expiry; otherwise it starts anew at `now_ms`. Returns the
+    /// session as stored.
+    async fn register_opaque_session(
+        &self,
+        sid_hash: &str,
+        user: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<OpaqueSession>;
+
+    /// The opaque session with this sid hash, expired or not.
+    async fn opaque_session(&self, sid_hash: &str) -> StoreResult<Option<OpaqueSession>>;
+
+    /// Remove an opaque session; false when there was none.
+    async fn delete_opaque_session(&self, sid_hash: &str) -> StoreResult<bool>;
+
+    /// Apply the retention policy (and drop expired opaque sessions).
     async fn purge(&self, policy: RetentionPolicy, now_ms: i64) -> StoreResult<PurgeReport>;
 
     /// Count of visible and delayed messages held (for stats).

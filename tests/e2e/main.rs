@@ -6,4 +6,5 @@ mod cli;
 mod delivery;
 mod internal_api;
 mod lifecycle;
+mod ops;
 mod sessions;
