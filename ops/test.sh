@@ -35,10 +35,8 @@ cargo clippy --all-targets -- -D warnings
 say "cargo test"
 cargo test --all-targets
 
-if [ -d web/test ]; then
-  say "browser client unit tests (node --test)"
-  (cd web && node --test test/)
-fi
+say "browser client: unit tests and end-to-end tests in headless Chromium"
+web/run-tests.sh
 
 say "deployment files (ops/check.sh; tools that are missing are skipped)"
 ops/check.sh

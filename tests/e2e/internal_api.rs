@@ -152,6 +152,9 @@ async fn first_metrics_move_with_traffic() {
     s.poll(&sid, "timeout=0").await;
     s.mail("alice@example.com", "m").await;
     s.poll(&sid, "timeout=0").await;
+    // A refused poll is an answer too: a client polling with a dead session shows.
+    let refused = s.poll("not-a-token", "timeout=0").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     let metrics = s
         .http
         .get(s.internal_url("/metrics"))
@@ -173,4 +176,5 @@ async fn first_metrics_move_with_traffic() {
     assert_eq!(value("pns_messages_delivered_total"), 1.0);
     assert_eq!(value("pns_poll_answers_total{outcome=\"message\"}"), 1.0);
     assert_eq!(value("pns_poll_answers_total{outcome=\"timeout\"}"), 1.0);
+    assert_eq!(value("pns_poll_answers_total{outcome=\"error\"}"), 1.0);
 }
