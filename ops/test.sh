@@ -20,6 +20,9 @@ if have pg_isready && ! pg_isready -q -h 127.0.0.1 -p 5432; then
   say "starting PostgreSQL"
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
 fi
+if have psql && pg_isready -q -h 127.0.0.1 -p 5432; then
+  psql -h 127.0.0.1 -U postgres -lqt | cut -d'|' -f1 | grep -qw test || createdb -h 127.0.0.1 -U postgres test
+fi
 
 if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   say "installing ${need_apt[*]}"
