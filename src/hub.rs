@@ -12,6 +12,10 @@
 //!
 //! The registry is split into shards by user, so that wakes for different
 //! users rarely contend on one lock.
+//!
+//! A user holds at most `user_cap` polls at once: parking one more releases
+//! that user's oldest with [`Wake::Capped`], so a runaway client (or many tabs
+//! without the shared poll) cannot pin sockets without end.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -32,11 +36,15 @@ pub enum Wake {
     Revoked,
     /// The node is shutting down; answer empty at once.
     ShuttingDown,
+    /// The user holds too many polls and this is the oldest; answer empty.
+    Capped,
 }
 
 struct Waiter {
     id: u64,
     session: Arc<str>,
+    /// Wall-clock ms when parked, to compare with polls begun on other nodes.
+    parked_ms: i64,
     wake: oneshot::Sender<Wake>,
 }
 
@@ -51,6 +59,7 @@ pub struct Hub {
     next_id: AtomicU64,
     held: AtomicUsize,
     closed: AtomicBool,
+    user_cap: usize,
 }
 
 /// A poll's place in the hub; await [`Parked::woken`], drop to leave.
@@ -69,6 +78,7 @@ impl Default for Hub {
             next_id: AtomicU64::new(1),
             held: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            user_cap: usize::MAX,
         }
     }
 }
@@ -76,6 +86,14 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Arc<Self> {
         Arc::new(Hub::default())
+    }
+
+    /// A hub that lets each user hold at most `cap` polls.
+    pub fn with_user_cap(cap: usize) -> Arc<Self> {
+        Arc::new(Hub {
+            user_cap: cap.max(1),
+            ..Hub::default()
+        })
     }
 
     fn shard(&self, user: &str) -> MutexGuard<'_, Shard> {
@@ -114,9 +132,23 @@ impl Hub {
                 true
             }
         });
+        if waiters.len() >= self.user_cap {
+            // Ids grow with time, so the smallest is the oldest.
+            if let Some(oldest) = waiters
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, w)| w.id)
+                .map(|(i, _)| i)
+            {
+                let w = waiters.swap_remove(oldest);
+                let _ = w.wake.send(Wake::Capped);
+                released += 1;
+            }
+        }
         waiters.push(Waiter {
             id,
             session: Arc::from(session),
+            parked_ms: crate::clock::now_ms(),
             wake: tx,
         });
         drop(shard);
@@ -138,6 +170,38 @@ impl Hub {
             for w in waiters {
                 let _ = w.wake.send(Wake::News);
             }
+        }
+    }
+
+    /// Wake every poll held on this node, to re-check the store: for when
+    /// wakeups may have been missed.
+    pub fn wake_all(&self) {
+        self.release_where(|_| true, Wake::News);
+    }
+
+    /// A poll of `session` began on another node at `at_ms`: release this
+    /// node's polls of it parked until then with [`Wake::Superseded`].
+    pub fn supersede(&self, user: &str, session: &str, at_ms: i64) {
+        let mut shard = self.shard(user);
+        let Some(waiters) = shard.users.get_mut(user) else {
+            return;
+        };
+        let mut released = Vec::new();
+        let mut i = 0;
+        while i < waiters.len() {
+            if &*waiters[i].session == session && waiters[i].parked_ms <= at_ms {
+                released.push(waiters.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        if waiters.is_empty() {
+            shard.users.remove(user);
+        }
+        drop(shard);
+        self.held.fetch_sub(released.len(), Ordering::Relaxed);
+        for w in released {
+            let _ = w.wake.send(Wake::Superseded);
         }
     }
 
@@ -263,6 +327,33 @@ mod tests {
         let _new = hub.park("a@x", "s1");
         assert_eq!(old.woken().await, Wake::Superseded);
         assert_eq!(hub.held(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_poll_begun_elsewhere_supersedes_only_older_polls_of_its_session() {
+        let hub = Hub::new();
+        let mut old = hub.park("a@x", "s1");
+        let mut other = hub.park("a@x", "s2");
+        hub.supersede("a@x", "s1", crate::clock::now_ms() - 60_000);
+        assert_eq!(hub.held(), 2, "a poll parked after the other began stays");
+        hub.supersede("a@x", "s1", crate::clock::now_ms());
+        assert_eq!(old.woken().await, Wake::Superseded);
+        assert_eq!(hub.held(), 1);
+        hub.wake_all();
+        assert_eq!(other.woken().await, Wake::News);
+        assert_eq!(hub.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_user_past_the_cap_loses_the_oldest_poll() {
+        let hub = Hub::with_user_cap(2);
+        let mut first = hub.park("a@x", "s1");
+        let _second = hub.park("a@x", "s2");
+        let _other_user = hub.park("b@x", "s9");
+        let _third = hub.park("a@x", "s3");
+        assert_eq!(first.woken().await, Wake::Capped);
+        assert_eq!(hub.held(), 3);
+        assert_eq!(hub.held_by_session("a@x").len(), 2);
     }
 
     #[tokio::test]

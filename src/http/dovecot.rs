@@ -18,8 +18,9 @@ use crate::ingest::Source;
 use crate::wire::{DovecotEvent, NotifyAccepted, NotifyItem, TYPE_NEW_MAIL};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,12 +31,14 @@ pub const EVENT_MESSAGE_NEW: &str = "messageNew";
 /// Longest dedup key the store is given; longer ones are hashed.
 const MAX_DEDUP_KEY_LEN: usize = super::notify::MAX_DEDUP_KEY_LEN;
 
-pub async fn notify(
+/// Lets a request through only with the configured Basic credentials;
+/// runs before the body is read.
+pub async fn require_credentials(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
+    next: Next,
 ) -> Response {
-    if let Err(e) = check_credentials(&app, &headers) {
+    if let Err(e) = check_credentials(&app, request.headers()) {
         let mut response = e.into_response();
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -43,6 +46,14 @@ pub async fn notify(
         );
         return response;
     }
+    next.run(request).await
+}
+
+pub async fn notify(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match accept(&app, &headers, body).await {
         Ok(Some(accepted)) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
         Ok(None) => StatusCode::NO_CONTENT.into_response(),

@@ -75,9 +75,8 @@ impl Ingest {
     ) -> StoreResult<AcceptReport> {
         let now = crate::clock::now_ms();
         let users: Vec<String> = batch.iter().map(|m| m.user.clone()).collect();
-        let outcomes = self.store.accept(batch, now).await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })?;
+        // A failure is counted by the metered store.
+        let outcomes = self.store.accept(batch, now).await?;
         let mut report = AcceptReport {
             accepted: 0,
             duplicates: 0,
