@@ -236,15 +236,168 @@ fn find_binary(name: &str) -> Option<PathBuf> {
     found
 }
 
-/// Stops the Dovecot master (and with it its children) when dropped.
+/// `dovecot` and `doveadm`, or `None` when the test is to be skipped: only
+/// when they are not installed and `PNS_REQUIRE_DOVECOT` is not set.
+fn dovecot_binaries(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let required = std::env::var("PNS_REQUIRE_DOVECOT").is_ok_and(|v| !v.is_empty() && v != "0");
+    match (find_binary("dovecot"), find_binary("doveadm")) {
+        (Some(dovecot), Some(doveadm)) => Some((dovecot, doveadm)),
+        _ => {
+            assert!(
+                !required,
+                "PNS_REQUIRE_DOVECOT is set but dovecot/doveadm are not installed \
+                 (apt-get install dovecot-core dovecot-lmtpd)"
+            );
+            eprintln!(
+                "SKIP {test}: dovecot is not installed (apt-get install dovecot-core \
+                 dovecot-lmtpd; set PNS_REQUIRE_DOVECOT=1 to make this an error)"
+            );
+            None
+        }
+    }
+}
+
+/// A Dovecot master running the LMTP service with a config of its own in a
+/// temp dir; stopped (with its children) when dropped.
 struct Dovecot {
     child: Child,
     log: PathBuf,
+    conf: PathBuf,
+    doveadm: PathBuf,
+    port: u16,
 }
 
 impl Dovecot {
+    /// Start Dovecot with everything under `dir`: one user, `alice@example.com`,
+    /// whose mail goes to `dir/home/alice@example.com/Maildir`, and the
+    /// push_notification driver pointed at `pns_internal`.
+    fn start(dir: &Path, bins: (PathBuf, PathBuf), pns_internal: SocketAddr) -> Dovecot {
+        let (dovecot_bin, doveadm) = bins;
+        let (uid, gid, account) = mail_account();
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // The mail user must get through the temp dir into its home.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&home, Some(uid), Some(gid)).unwrap();
+        std::fs::write(dir.join("passwd"), "alice@example.com:{PLAIN}secret:::::\n").unwrap();
+        let port = free_port();
+        let log = dir.join("dovecot.log");
+        let conf = dir.join("dovecot.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"base_dir = {dir}/run
+state_dir = {dir}/state
+log_path = {log}
+info_log_path = {log}
+debug_log_path = {log}
+protocols = lmtp
+listen = 127.0.0.1
+ssl = no
+default_internal_user = {account}
+default_login_user = {account}
+first_valid_uid = {uid}
+first_valid_gid = {gid}
+mail_uid = {uid}
+mail_gid = {gid}
+mail_home = {dir}/home/%u
+mail_location = maildir:~/Maildir
+mail_attribute_dict = file:%h/dovecot-attributes
+passdb {{
+  driver = passwd-file
+  args = {dir}/passwd
+}}
+userdb {{
+  driver = passwd-file
+  args = {dir}/passwd
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+protocol lmtp {{
+  mail_plugins = $mail_plugins notify push_notification
+}}
+plugin {{
+  push_notification_driver = ox:url=http://{USER}:{PASSWORD}@{pns_internal}{PATH}
+}}
+"#,
+                dir = dir.display(),
+                log = log.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(&dovecot_bin)
+            .arg("-F")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let dovecot = Dovecot {
+            child,
+            log,
+            conf,
+            doveadm,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "Dovecot's LMTP did not come up:\n{}",
+                dovecot.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        dovecot
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The per-user switch: without it Dovecot skips the user.
+    fn enable_push(&self, user: &str) {
+        let out = Command::new(&self.doveadm)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["mailbox", "metadata", "set", "-u", user, "-s", ""])
+            .arg("/private/vendor/vendor.dovecot/http-notify")
+            .arg(format!("user={user}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "doveadm metadata set failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// Deliver `mail` (CRLF lines, no final dot) to `rcpt` over LMTP.
+    fn deliver(&self, rcpt: &str, mail: &str) {
+        let conn = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut r = BufReader::new(conn);
+        let greeting = lmtp(&mut r, None);
+        assert!(greeting.starts_with("220"), "{greeting}");
+        assert!(lmtp(&mut r, Some("LHLO pns.test")).starts_with("250"));
+        assert!(lmtp(&mut r, Some("MAIL FROM:<zhangsan@example.org>")).starts_with("250"));
+        let reply = lmtp(&mut r, Some(&format!("RCPT TO:<{rcpt}>")));
+        assert!(reply.starts_with("250"), "{reply}\n{}", self.log());
+        assert!(lmtp(&mut r, Some("DATA")).starts_with("354"));
+        r.get_mut().write_all(mail.as_bytes()).unwrap();
+        r.get_mut().write_all(b".\r\n").unwrap();
+        let saved = lmtp(&mut r, None);
+        assert!(saved.starts_with("250"), "{saved}\n{}", self.log());
+        let _ = lmtp(&mut r, Some("QUIT"));
     }
 }
 
@@ -308,124 +461,7 @@ fn lmtp(reader: &mut BufReader<TcpStream>, command: Option<&str>) -> String {
     }
 }
 
-#[tokio::test]
-async fn a_real_dovecot_delivering_over_lmtp_notifies_the_poller() {
-    let required = std::env::var("PNS_REQUIRE_DOVECOT").is_ok_and(|v| !v.is_empty() && v != "0");
-    let (Some(dovecot_bin), Some(doveadm_bin)) = (find_binary("dovecot"), find_binary("doveadm"))
-    else {
-        assert!(
-            !required,
-            "PNS_REQUIRE_DOVECOT is set but dovecot/doveadm are not installed \
-             (apt-get install dovecot-core dovecot-lmtpd)"
-        );
-        eprintln!(
-            "SKIP a_real_dovecot_delivering_over_lmtp_notifies_the_poller: dovecot is not installed \
-             (apt-get install dovecot-core dovecot-lmtpd; set PNS_REQUIRE_DOVECOT=1 to make this an error)"
-        );
-        return;
-    };
-
-    let s = server();
-    let user = "alice@example.com";
-    let sid = s.sid(user);
-
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let (uid, gid, account) = mail_account();
-    let home = dir.join("home");
-    std::fs::create_dir(&home).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    // The mail user must get through the temp dir into its home.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::chown(&home, Some(uid), Some(gid)).unwrap();
-    std::fs::write(dir.join("passwd"), format!("{user}:{{PLAIN}}secret:::::\n")).unwrap();
-    let port = free_port();
-    let log = dir.join("dovecot.log");
-    let conf = dir.join("dovecot.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"base_dir = {dir}/run
-state_dir = {dir}/state
-log_path = {log}
-info_log_path = {log}
-debug_log_path = {log}
-protocols = lmtp
-listen = 127.0.0.1
-ssl = no
-default_internal_user = {account}
-default_login_user = {account}
-first_valid_uid = {uid}
-first_valid_gid = {gid}
-mail_uid = {uid}
-mail_gid = {gid}
-mail_home = {dir}/home/%u
-mail_location = maildir:~/Maildir
-mail_attribute_dict = file:%h/dovecot-attributes
-passdb {{
-  driver = passwd-file
-  args = {dir}/passwd
-}}
-userdb {{
-  driver = passwd-file
-  args = {dir}/passwd
-}}
-service lmtp {{
-  inet_listener lmtp {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-}}
-protocol lmtp {{
-  mail_plugins = $mail_plugins notify push_notification
-}}
-plugin {{
-  push_notification_driver = ox:url=http://{USER}:{PASSWORD}@{internal}{PATH}
-}}
-"#,
-            dir = dir.display(),
-            log = log.display(),
-            internal = s.internal,
-        ),
-    )
-    .unwrap();
-
-    let child = Command::new(&dovecot_bin)
-        .arg("-F")
-        .arg("-c")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let dovecot = Dovecot { child, log };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let conn = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => panic!("Dovecot's LMTP did not come up: {e}\n{}", dovecot.log()),
-        }
-    };
-
-    // The per-user switch: without it Dovecot skips the user.
-    let out = Command::new(&doveadm_bin)
-        .arg("-c")
-        .arg(&conf)
-        .args(["mailbox", "metadata", "set", "-u", user, "-s", ""])
-        .arg("/private/vendor/vendor.dovecot/http-notify")
-        .arg(format!("user={user}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "doveadm metadata set failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        dovecot.log()
-    );
-
-    let mail = "From: =?UTF-8?B?5byg5LiJ?= <zhangsan@example.org>\r\n\
+const LMTP_MAIL: &str = "From: =?UTF-8?B?5byg5LiJ?= <zhangsan@example.org>\r\n\
 To: alice@example.com\r\n\
 Subject: =?UTF-8?B?5L2g5aW977yM5LiW55WM77ya5rWL6K+V6YKu5Lu2?=\r\n\
 Message-ID: <lmtp.1@example.org>\r\n\
@@ -433,22 +469,21 @@ MIME-Version: 1.0\r\n\
 Content-Type: text/plain; charset=utf-8\r\n\
 \r\n\
 你好 Alice，\r\n\
-这是一封包含中文的测试邮件。\r\n\
-.\r\n";
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut r = BufReader::new(conn);
-    let greeting = lmtp(&mut r, None);
-    assert!(greeting.starts_with("220"), "{greeting}");
-    assert!(lmtp(&mut r, Some("LHLO pns.test")).starts_with("250"));
-    assert!(lmtp(&mut r, Some("MAIL FROM:<zhangsan@example.org>")).starts_with("250"));
-    let rcpt = lmtp(&mut r, Some(&format!("RCPT TO:<{user}>")));
-    assert!(rcpt.starts_with("250"), "{rcpt}\n{}", dovecot.log());
-    assert!(lmtp(&mut r, Some("DATA")).starts_with("354"));
-    r.get_mut().write_all(mail.as_bytes()).unwrap();
-    let saved = lmtp(&mut r, None);
-    assert!(saved.starts_with("250"), "{saved}\n{}", dovecot.log());
-    let _ = lmtp(&mut r, Some("QUIT"));
+这是一封包含中文的测试邮件。\r\n";
+
+#[tokio::test]
+async fn a_real_dovecot_delivering_over_lmtp_notifies_the_poller() {
+    let Some(bins) = dovecot_binaries("a_real_dovecot_delivering_over_lmtp_notifies_the_poller")
+    else {
+        return;
+    };
+    let s = server();
+    let user = "alice@example.com";
+    let sid = s.sid(user);
+    let tmp = tempfile::tempdir().unwrap();
+    let dovecot = Dovecot::start(tmp.path(), bins, s.internal);
+    dovecot.enable_push(user);
+    dovecot.deliver(user, LMTP_MAIL);
 
     let (got, _) = s.collect(&sid, "", 1, Duration::from_secs(20)).await;
     assert_eq!(
@@ -469,5 +504,44 @@ Content-Type: text/plain; charset=utf-8\r\n\
         "{}",
         d["snippet"]
     );
-    drop(dovecot);
+}
+
+#[tokio::test]
+async fn the_maildir_watcher_sees_what_a_real_dovecot_delivers() {
+    let Some(bins) = dovecot_binaries("the_maildir_watcher_sees_what_a_real_dovecot_delivers")
+    else {
+        return;
+    };
+    // Dovecot makes the mailbox itself on the first delivery; PNS watches
+    // the homes with the `{user}/Maildir` pattern. No push switch is set, so
+    // only the watcher speaks.
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let root = home.display().to_string();
+    let s = Server::start_with(&[
+        ("PNS_MAILDIR_ROOT", &root),
+        ("PNS_MAILDIR_PATTERN", "{user}/Maildir"),
+    ]);
+    let user = "alice@example.com";
+    let sid = s.sid(user);
+    let dovecot = Dovecot::start(tmp.path(), bins, s.internal);
+    dovecot.deliver(user, LMTP_MAIL);
+
+    let (got, cursor) = s.collect(&sid, "", 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "no notification; Dovecot's log:\n{}",
+        dovecot.log()
+    );
+    let d = &got[0]["data"];
+    assert_eq!(d["folder"], "INBOX");
+    assert_eq!(d["from"], "张三 <zhangsan@example.org>");
+    assert_eq!(d["subject"], "你好，世界：测试邮件");
+    assert_eq!(d["messageId"], "lmtp.1@example.org");
+    assert_eq!(d["snippet"], "你好 Alice， 这是一封包含中文的测试邮件。");
+    assert_eq!(d["unseen"], 1);
+    let a = s.poll(&sid, &format!("cursor={cursor}&timeout=1")).await;
+    assert_eq!(a.c(), 0, "{}", a.body);
 }
