@@ -14,6 +14,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # Real peers the checks use: nginx (-t on the shipped configs), promtool.
 have nginx || need_apt+=(nginx)
 have promtool || need_apt+=(prometheus)
+# A real Dovecot delivering over LMTP with its push_notification driver.
+have dovecot || need_apt+=(dovecot-core dovecot-lmtpd)
 
 # PostgreSQL: the cluster tests use postgres://postgres@127.0.0.1:5432/test.
 if have pg_isready && ! pg_isready -q -h 127.0.0.1 -p 5432; then
@@ -36,6 +38,8 @@ say "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
 say "cargo test"
+# The real-Dovecot tests may skip only where Dovecot cannot be installed.
+if have dovecot; then export PNS_REQUIRE_DOVECOT=1; fi
 cargo test --all-targets
 
 say "browser client: unit tests and end-to-end tests in headless Chromium"
