@@ -5,13 +5,18 @@
 use crate::config::{Config, SessionKey};
 use crate::hub::Hub;
 use crate::ingest::Ingest;
+use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
+use crate::opaque::OpaqueSessions;
+use crate::registry::SessionRegistry;
 use crate::scheduler::DelayScheduler;
 use crate::session::{SessionValidator, VerifyKey};
 use crate::shutdown::Shutdown;
 use crate::store::{SharedStore, StoreResult};
 use anyhow::Context;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Everything a request handler may need.
@@ -24,6 +29,11 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub scheduler: Arc<DelayScheduler>,
     pub shutdown: Shutdown,
+    /// Who polls this node: for the session list and `sessions_active`.
+    pub registry: SessionRegistry,
+    pub opaque: OpaqueSessions,
+    pub session_limits: RateLimiter<String>,
+    pub address_limits: RateLimiter<IpAddr>,
 }
 
 impl App {
@@ -35,12 +45,24 @@ impl App {
             ),
         };
         let sessions = Arc::new(SessionValidator::new(key, config.audience.as_deref())?);
-        let store = crate::store::open(&config.database_url)
+        let metrics = Arc::new(Metrics::new());
+        let store = crate::store::connect(&config.database_url)
             .await
             .context("cannot open the message store")?;
-        sessions.load_from(&store, crate::clock::now_ms()).await?;
-        let hub = Hub::new();
-        let metrics = Arc::new(Metrics::new());
+        let store: SharedStore = Arc::new(crate::store::Metered::new(
+            store,
+            metrics.store_errors.clone(),
+        ));
+        match sessions.load_from(&store, crate::clock::now_ms()).await {
+            Ok(()) => {}
+            // A shared store may be away at start; its feed's first Resync
+            // loads the revocations once it is back.
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "revocations not loaded yet: the store is unreachable")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let hub = Hub::with_user_cap(config.limits.max_polls_per_user);
         let scheduler = DelayScheduler::new();
         let ingest = Ingest::new(
             store.clone(),
@@ -48,8 +70,19 @@ impl App {
             scheduler.clone(),
             metrics.clone(),
         );
+        let registry = SessionRegistry::new(
+            config.limits.max_tracked_sessions,
+            2 * config.hold + crate::registry::IDLE_MARGIN,
+        );
+        let session_limits = RateLimiter::new(config.limits.session_polls, crate::limits::MAX_KEYS);
+        let address_limits = RateLimiter::new(config.limits.address_polls, crate::limits::MAX_KEYS);
+        let opaque = OpaqueSessions::new(store.clone());
         Ok(Arc::new(App {
             config,
+            registry,
+            opaque,
+            session_limits,
+            address_limits,
             store,
             hub,
             sessions,
@@ -66,6 +99,7 @@ impl App {
         self.store.revoke_session(jti, expires_ms).await?;
         self.sessions.note_revoked_session(jti, expires_ms);
         self.hub.revoke_session(jti);
+        self.registry.forget_session(jti);
         Ok(())
     }
 
@@ -75,7 +109,26 @@ impl App {
         self.store.revoke_mailbox(user, now).await?;
         self.sessions.note_revoked_mailbox(user, now);
         self.hub.revoke_user(user);
+        self.registry.forget_user(user);
         Ok(())
+    }
+
+    /// Delete an opaque session by its sid hash: refused from now on (on
+    /// this node at once), its held polls answered 401.
+    pub async fn delete_opaque_session(&self, sid_hash: &str) -> StoreResult<bool> {
+        let existed = self.opaque.delete(sid_hash).await?;
+        self.hub.revoke_session(sid_hash);
+        self.registry.forget_session(sid_hash);
+        Ok(existed)
+    }
+
+    /// Drop what has gone stale from the in-memory tables.
+    fn sweep(&self) {
+        self.registry.sweep(crate::clock::now_ms());
+        let now = std::time::Instant::now();
+        self.session_limits.sweep(now);
+        self.address_limits.sweep(now);
+        self.opaque.sweep();
     }
 }
 
@@ -113,6 +166,7 @@ pub fn raise_open_file_limit() {
 /// `pns serve`: run until SIGTERM or SIGINT, then drain and return.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
+    let started_ms = crate::clock::now_ms();
     let shutdown = Shutdown::new();
     let public = TcpListener::bind(config.listen)
         .await
@@ -129,6 +183,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     announce(&app, &public, &internal);
 
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(events) = app.store.events() {
+        tasks.spawn(crate::cluster::follow(
+            app.clone(),
+            events,
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(
         app.scheduler
             .clone()
@@ -141,17 +202,36 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         app.config.retention_every,
         shutdown.clone(),
     ));
-    let limit = connection_limit();
+    if let Some(maildir) = app.config.maildir.clone() {
+        tasks.spawn(crate::ingest::maildir::run(
+            maildir,
+            app.ingest.clone(),
+            started_ms,
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(sweep_now_and_then(app.clone(), shutdown.clone()));
+    let limits = &app.config.limits;
     tasks.spawn(crate::server::serve(
         public,
         crate::http::public_router(app.clone()),
-        limit,
+        crate::server::ConnLimits {
+            max_connections: connection_limit(),
+            header_timeout: limits.header_timeout,
+            max_head_bytes: Some(
+                crate::server::PUBLIC_MAX_HEAD_BYTES.max(limits.max_url_bytes + 16 * 1024),
+            ),
+        },
         shutdown.clone(),
     ));
     tasks.spawn(crate::server::serve(
         internal,
         crate::http::internal_router(app.clone()),
-        4096,
+        crate::server::ConnLimits {
+            max_connections: 4096,
+            header_timeout: limits.header_timeout,
+            max_head_bytes: None,
+        },
         shutdown.clone(),
     ));
 
@@ -161,6 +241,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the in-memory tables are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+async fn sweep_now_and_then(app: Arc<App>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_EVERY) => app.sweep(),
+            _ = shutdown.wait() => return,
+        }
+    }
 }
 
 /// The start-up lines: where the node listens, and for a newcomer how to try it.
@@ -176,6 +268,10 @@ fn announce(app: &App, public: &TcpListener, internal: &TcpListener) {
     tracing::info!(%public, %internal, store = %redact_url(&app.config.database_url), "pns listening");
     for path in &app.config.generated {
         tracing::info!(file = %path.display(), "generated a secret (mode 0600); keep it, or configure your own");
+    }
+    if !app.config.generated.is_empty() && !app.config.database_url.starts_with("sqlite:") {
+        // Each node would generate its own: tokens minted for one are refused by the others.
+        tracing::warn!("this store is shared by several nodes: set PNS_JWT_SECRET (or a public key) and PNS_INTERNAL_TOKEN to the same values on every node");
     }
     if app.config.demo {
         tracing::info!("demo mode: open http://{public}/ for the demo inbox");

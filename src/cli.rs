@@ -1,4 +1,4 @@
-//! The `pns` command line: `serve`, `token`, `notify`, `migrate`.
+//! The `pns` command line: `serve`, `token`, `notify`, `stats`, `migrate`.
 
 use crate::config::{parse_ttl, Config, Settings};
 use anyhow::{bail, Context};
@@ -54,6 +54,17 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Show a running node's stats: sessions, polls, messages, latency.
+    Stats {
+        /// Refresh every 2 seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Print the node's JSON as it is.
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Create or update the store's tables, then exit.
     Migrate {
         #[command(flatten)]
@@ -98,11 +109,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .first()
                 .map(String::as_str)
                 .unwrap_or_default();
-            let (status, text) = post_json(
+            let (status, text) = request(
                 config.internal_listen,
+                hyper::Method::POST,
                 "/internal/v1/notify",
                 token,
-                &body.to_string(),
+                Some(&body.to_string()),
             )
             .await?;
             if status != 202 {
@@ -110,6 +122,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("{text}");
             Ok(())
+        }
+        Command::Stats {
+            watch,
+            json,
+            settings,
+        } => {
+            let config = Config::resolve(settings, file)?;
+            stats(&config, watch, json).await
         }
         Command::Migrate { settings } => {
             let config = Config::resolve(settings, file)?;
@@ -123,12 +143,155 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// One POST to the internal listener; the CLI's only HTTP need.
-async fn post_json(
+/// How often `pns stats --watch` refreshes.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `pns stats`: fetch `/internal/v1/stats` and print it.
+async fn stats(config: &Config, watch: bool, json: bool) -> anyhow::Result<()> {
+    let token = config
+        .internal_tokens
+        .first()
+        .map(String::as_str)
+        .unwrap_or_default();
+    let addr = config.internal_listen;
+    loop {
+        let fetched = request(addr, hyper::Method::GET, "/internal/v1/stats", token, None).await;
+        let (status, text) = match fetched {
+            Ok(answer) => answer,
+            // A node restarting under --watch comes back; keep watching.
+            Err(e) if watch => {
+                print!(
+                    "\x1b[2J\x1b[Hpns stats: {e:#}\n(retrying every {} s; Ctrl-C to stop)\n",
+                    WATCH_EVERY.as_secs()
+                );
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_EVERY) => continue,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        if status == 401 {
+            bail!("the node at {addr} refused the internal token: set PNS_INTERNAL_TOKEN (or --config) as for the node");
+        }
+        if status != 200 {
+            bail!("the node answered {status}: {text}");
+        }
+        if json {
+            println!("{text}");
+            return Ok(());
+        }
+        let stats: crate::wire::Stats = serde_json::from_str(&text)
+            .with_context(|| format!("the node's stats are not what this pns expects: {text}"))?;
+        let summary = render_stats(&addr.to_string(), &stats);
+        if !watch {
+            print!("{summary}");
+            return Ok(());
+        }
+        // Clear the screen and home the cursor, then draw.
+        print!(
+            "\x1b[2J\x1b[H{summary}\n(refreshing every {} s; Ctrl-C to stop)\n",
+            WATCH_EVERY.as_secs()
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// The stats as aligned lines, for people.
+pub fn render_stats(node: &str, s: &crate::wire::Stats) -> String {
+    let ms = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| format!("{v} ms"));
+    // In the order a poll's life suggests, then any this pns does not know.
+    let known = crate::metrics::Outcome::ALL.map(|o| o.as_str());
+    let mut outcomes: Vec<(&String, &u64)> = s.poll_answers.iter().collect();
+    outcomes.sort_by_key(|(k, _)| known.iter().position(|n| n == k).unwrap_or(known.len()));
+    let answers = outcomes
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let limited = s
+        .rate_limited
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut tags: Vec<(&String, &u64)> = s.come_from.iter().collect();
+    tags.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let mut come_from = tags
+        .iter()
+        .take(5)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if tags.len() > 5 {
+        come_from.push_str(&format!(", … ({} tags)", tags.len()));
+    }
+    if come_from.is_empty() {
+        come_from.push('-');
+    }
+    let rows: Vec<(&str, String)> = vec![
+        ("sessions active", s.sessions_active.to_string()),
+        ("polls held", s.polls_held.to_string()),
+        ("messages stored", s.messages_stored.to_string()),
+        ("messages accepted", s.messages_accepted.to_string()),
+        ("messages delivered", s.messages_delivered.to_string()),
+        ("duplicates refused", s.duplicates.to_string()),
+        (
+            "delivery latency",
+            format!(
+                "p50 {}, p99 {} (over the last {} {})",
+                ms(s.delivery_latency_ms.p50),
+                ms(s.delivery_latency_ms.p99),
+                s.delivery_latency_ms.samples,
+                if s.delivery_latency_ms.samples == 1 {
+                    "delivery"
+                } else {
+                    "deliveries"
+                }
+            ),
+        ),
+        ("poll answers", answers),
+        ("rate limited", limited),
+        ("store errors", s.store_errors.to_string()),
+        ("comeFrom", come_from),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!(
+        "pns {} at {node}, up {}, hold {} s\n",
+        s.version,
+        human_duration(s.uptime_secs),
+        s.hold_secs
+    );
+    for (k, v) in rows {
+        out.push_str(&format!("  {k:<width$}  {v}\n"));
+    }
+    out
+}
+
+fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+/// One request to the internal listener; the CLI's only HTTP need.
+async fn request(
     addr: std::net::SocketAddr,
+    method: hyper::Method,
     path: &str,
     token: &str,
-    body: &str,
+    body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(addr)
@@ -139,11 +302,17 @@ async fn post_json(
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let request = hyper::Request::post(path)
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(bytes::Bytes::from(body.to_owned())))?;
+        .header("authorization", format!("Bearer {token}"));
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    let request = builder.body(Full::new(bytes::Bytes::from(
+        body.unwrap_or_default().to_owned(),
+    )))?;
     let response = sender.send_request(request).await?;
     let status = response.status().as_u16();
     let text = response.into_body().collect().await?.to_bytes();

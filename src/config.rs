@@ -2,6 +2,7 @@
 //! ones overriding earlier ones (names as in SPEC.md). Secrets that are not
 //! configured are generated once and kept, mode 0600, in the data directory.
 
+use crate::ingest::maildir::{MaildirConfig, Pattern};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -20,6 +21,26 @@ pub const MAX_HOLD_SECS: u64 = 110;
 /// Retention defaults: per user the newest 500 messages, none older than 7 days.
 pub const DEFAULT_RETENTION_MAX_MESSAGES: u32 = 500;
 pub const DEFAULT_RETENTION_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+/// Polls held at once per user by default; a further poll releases the oldest.
+pub const DEFAULT_MAX_POLLS_PER_USER: usize = 10;
+/// Poll rate per session by default: sustained polls per second, and burst.
+/// A client polling every 500 ms uses 2 a second.
+pub const DEFAULT_SESSION_POLL_RATE: f64 = 5.0;
+pub const DEFAULT_SESSION_POLL_BURST: u32 = 20;
+/// Poll rate per client address by default; many users may share one
+/// address behind a NAT, so this is much higher than the per-session one.
+pub const DEFAULT_ADDRESS_POLL_RATE: f64 = 100.0;
+pub const DEFAULT_ADDRESS_POLL_BURST: u32 = 400;
+/// A request's headers must arrive within this time, on both listeners.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+/// An internal API request body must arrive within this time.
+pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 10;
+/// Internal API request bodies larger than this are refused with 413.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Public request targets (path and query) longer than this are refused with 414.
+pub const DEFAULT_MAX_URL_BYTES: usize = 8 * 1024;
+/// Sessions the in-memory session registry tracks at most.
+pub const DEFAULT_MAX_TRACKED_SESSIONS: usize = 100_000;
 /// The user the demo page signs in as.
 pub const DEMO_USER: &str = "demo@example.com";
 
@@ -71,6 +92,26 @@ pub struct Settings {
     /// Root of the Maildir tree to watch (enables the watcher).
     #[arg(long, env = "PNS_MAILDIR_ROOT", value_name = "DIR")]
     pub maildir_root: Option<PathBuf>,
+    /// Where a mailbox's Maildir is below the root (default {domain}/{localpart}/Maildir).
+    #[arg(long, env = "PNS_MAILDIR_PATTERN", value_name = "PATTERN")]
+    pub maildir_pattern: Option<String>,
+    /// Domain for mailboxes whose path gives only a local part.
+    #[arg(long, env = "PNS_MAILDIR_DEFAULT_DOMAIN", value_name = "DOMAIN")]
+    pub maildir_default_domain: Option<String>,
+    /// Seconds between two full rescans of the Maildir tree (default 60).
+    #[arg(long, env = "PNS_MAILDIR_RESCAN_SECS", value_name = "SECS")]
+    pub maildir_rescan_secs: Option<u64>,
+    /// User name Dovecot's push_notification driver authenticates with.
+    #[arg(long, env = "PNS_DOVECOT_USER", value_name = "USER")]
+    pub dovecot_user: Option<String>,
+    /// Password Dovecot's push_notification driver authenticates with.
+    #[arg(
+        long,
+        env = "PNS_DOVECOT_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub dovecot_password: Option<String>,
     /// Messages kept per user at most.
     #[arg(long, env = "PNS_RETENTION_MAX_MESSAGES", value_name = "N")]
     pub retention_max_messages: Option<u32>,
@@ -83,6 +124,39 @@ pub struct Settings {
     /// Serve the demo session endpoint (default: on when no secret or key is configured).
     #[arg(long, env = "PNS_DEMO", value_name = "BOOL")]
     pub demo: Option<bool>,
+    /// Reverse proxies whose X-Forwarded-For is believed: IPs or CIDRs, comma-separated.
+    #[arg(long, env = "PNS_TRUSTED_PROXIES", value_name = "NETS")]
+    pub trusted_proxies: Option<String>,
+    /// Polls held at once per user; a further poll releases the user's oldest (default 10).
+    #[arg(long, env = "PNS_MAX_POLLS_PER_USER", value_name = "N")]
+    pub max_polls_per_user: Option<usize>,
+    /// Polls a second one session may make, sustained (default 5; 0 = no limit).
+    #[arg(long, env = "PNS_SESSION_POLL_RATE", value_name = "PER_SEC")]
+    pub session_poll_rate: Option<f64>,
+    /// Polls one session may make in a burst (default 20).
+    #[arg(long, env = "PNS_SESSION_POLL_BURST", value_name = "N")]
+    pub session_poll_burst: Option<u32>,
+    /// Polls a second from one client address, sustained (default 100; 0 = no limit).
+    #[arg(long, env = "PNS_ADDRESS_POLL_RATE", value_name = "PER_SEC")]
+    pub address_poll_rate: Option<f64>,
+    /// Polls from one client address in a burst (default 400).
+    #[arg(long, env = "PNS_ADDRESS_POLL_BURST", value_name = "N")]
+    pub address_poll_burst: Option<u32>,
+    /// Seconds a client has to send a request's headers, on both listeners (default 10).
+    #[arg(long, env = "PNS_HEADER_TIMEOUT_SECS", value_name = "SECS")]
+    pub header_timeout_secs: Option<u64>,
+    /// Seconds a client has to send an internal API request body (default 10).
+    #[arg(long, env = "PNS_BODY_TIMEOUT_SECS", value_name = "SECS")]
+    pub body_timeout_secs: Option<u64>,
+    /// Largest internal API request body, in bytes (default 1048576).
+    #[arg(long, env = "PNS_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Longest public request target (path and query), in bytes (default 8192).
+    #[arg(long, env = "PNS_MAX_URL_BYTES", value_name = "BYTES")]
+    pub max_url_bytes: Option<usize>,
+    /// Sessions the in-memory session registry tracks at most (default 100000).
+    #[arg(long, env = "PNS_MAX_TRACKED_SESSIONS", value_name = "N")]
+    pub max_tracked_sessions: Option<usize>,
 }
 
 macro_rules! layer_fields {
@@ -109,10 +183,26 @@ impl Settings {
             hold_secs,
             allowed_origins,
             maildir_root,
+            maildir_pattern,
+            maildir_default_domain,
+            maildir_rescan_secs,
+            dovecot_user,
+            dovecot_password,
             retention_max_messages,
             retention_max_age_secs,
             retention_interval_secs,
-            demo
+            demo,
+            trusted_proxies,
+            max_polls_per_user,
+            session_poll_rate,
+            session_poll_burst,
+            address_poll_rate,
+            address_poll_burst,
+            header_timeout_secs,
+            body_timeout_secs,
+            max_body_bytes,
+            max_url_bytes,
+            max_tracked_sessions
         )
     }
 
@@ -124,11 +214,72 @@ impl Settings {
     }
 }
 
+/// Shortest password the Dovecot endpoint accepts to be configured with.
+pub const MIN_DOVECOT_PASSWORD_LEN: usize = 16;
+
+/// HTTP Basic credentials Dovecot's `push_notification` driver sends.
+#[derive(Clone)]
+pub struct DovecotCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for DovecotCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DovecotCredentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
 /// How session tokens are checked.
 #[derive(Debug, Clone)]
 pub enum SessionKey {
     Secret(String),
     PublicKeyFile(PathBuf),
+}
+
+/// A token bucket's shape: `per_sec` sustained, `burst` at once. A rate of
+/// zero turns the limit off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: u32,
+}
+
+/// The abuse limits: request sizes, slow clients, poll rates.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub session_polls: Rate,
+    pub address_polls: Rate,
+    pub max_polls_per_user: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_url_bytes: usize,
+    pub max_tracked_sessions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            session_polls: Rate {
+                per_sec: DEFAULT_SESSION_POLL_RATE,
+                burst: DEFAULT_SESSION_POLL_BURST,
+            },
+            address_polls: Rate {
+                per_sec: DEFAULT_ADDRESS_POLL_RATE,
+                burst: DEFAULT_ADDRESS_POLL_BURST,
+            },
+            max_polls_per_user: DEFAULT_MAX_POLLS_PER_USER,
+            header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
+            body_timeout: Duration::from_secs(DEFAULT_BODY_TIMEOUT_SECS),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_url_bytes: DEFAULT_MAX_URL_BYTES,
+            max_tracked_sessions: DEFAULT_MAX_TRACKED_SESSIONS,
+        }
+    }
 }
 
 /// The resolved configuration `pns` runs with.
@@ -143,10 +294,16 @@ pub struct Config {
     pub internal_tokens: Vec<String>,
     pub hold: Duration,
     pub allowed_origins: Vec<String>,
-    pub maildir_root: Option<PathBuf>,
+    /// The Maildir watcher's settings, when `PNS_MAILDIR_ROOT` is set.
+    pub maildir: Option<MaildirConfig>,
+    /// The credentials of the Dovecot endpoint; without them it refuses all.
+    pub dovecot: Option<DovecotCredentials>,
     pub retention: crate::store::RetentionPolicy,
     pub retention_every: Duration,
     pub demo: bool,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<crate::address::IpNet>,
+    pub limits: Limits,
     /// Secret files generated by this start, to point the operator at.
     pub generated: Vec<PathBuf>,
 }
@@ -159,6 +316,7 @@ impl Config {
             Some(path) => settings.over(Settings::from_file(path)?),
             None => settings,
         };
+        let limits = limits(&settings)?;
         let database_url = settings
             .database_url
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
@@ -208,6 +366,56 @@ impl Config {
                 t.len()
             );
         }
+        let maildir = match settings.maildir_root {
+            None => None,
+            Some(root) => {
+                let pattern = Pattern::parse(
+                    settings
+                        .maildir_pattern
+                        .as_deref()
+                        .unwrap_or(crate::ingest::maildir::DEFAULT_PATTERN),
+                )
+                .map_err(|e| anyhow::anyhow!("PNS_MAILDIR_PATTERN: {e}"))?;
+                let rescan = settings
+                    .maildir_rescan_secs
+                    .unwrap_or(crate::ingest::maildir::DEFAULT_RESCAN_SECS);
+                if rescan == 0 {
+                    bail!("PNS_MAILDIR_RESCAN_SECS must be at least 1");
+                }
+                let default_domain = settings
+                    .maildir_default_domain
+                    .map(|d| d.trim().trim_start_matches('@').to_owned())
+                    .filter(|d| !d.is_empty());
+                Some(MaildirConfig {
+                    root,
+                    pattern,
+                    default_domain,
+                    rescan: Duration::from_secs(rescan),
+                    state_file: data_dir.join(crate::ingest::maildir::STATE_FILE),
+                })
+            }
+        };
+        let dovecot = match (settings.dovecot_user, settings.dovecot_password) {
+            (None, None) => None,
+            (Some(user), Some(password)) => {
+                if user.is_empty() || user.contains(':') {
+                    bail!("PNS_DOVECOT_USER must not be empty nor contain ':'");
+                }
+                if password.len() < MIN_DOVECOT_PASSWORD_LEN {
+                    bail!(
+                        "PNS_DOVECOT_PASSWORD must be at least {MIN_DOVECOT_PASSWORD_LEN} characters"
+                    );
+                }
+                Some(DovecotCredentials { user, password })
+            }
+            (Some(_), None) => bail!("PNS_DOVECOT_USER is set but PNS_DOVECOT_PASSWORD is not"),
+            (None, Some(_)) => bail!("PNS_DOVECOT_PASSWORD is set but PNS_DOVECOT_USER is not"),
+        };
+        let trusted_proxies = match &settings.trusted_proxies {
+            Some(list) => crate::address::parse_nets(list)
+                .map_err(|e| anyhow::anyhow!("PNS_TRUSTED_PROXIES: {e}"))?,
+            None => Vec::new(),
+        };
         let max_age = settings
             .retention_max_age_secs
             .unwrap_or(DEFAULT_RETENTION_MAX_AGE_SECS);
@@ -234,7 +442,8 @@ impl Config {
                         .collect()
                 })
                 .unwrap_or_default(),
-            maildir_root: settings.maildir_root,
+            maildir,
+            dovecot,
             retention: crate::store::RetentionPolicy {
                 max_messages_per_user: settings
                     .retention_max_messages
@@ -245,6 +454,8 @@ impl Config {
                 settings.retention_interval_secs.unwrap_or(300).max(1),
             ),
             demo: settings.demo.unwrap_or(!configured_key),
+            trusted_proxies,
+            limits,
             generated,
         })
     }
@@ -256,6 +467,82 @@ impl Config {
             SessionKey::PublicKeyFile(_) => None,
         }
     }
+}
+
+/// The limits from `settings`, each checked for a usable value.
+fn limits(settings: &Settings) -> anyhow::Result<Limits> {
+    let d = Limits::default();
+    let rate = |name: &str, per_sec: Option<f64>, burst: Option<u32>, default: Rate| {
+        let per_sec = per_sec.unwrap_or(default.per_sec);
+        if !per_sec.is_finite() || per_sec < 0.0 {
+            bail!(
+                "PNS_{name}_POLL_RATE must be a number of polls a second, 0 or more, not {per_sec}"
+            );
+        }
+        let burst = burst.unwrap_or(default.burst);
+        if burst == 0 {
+            bail!("PNS_{name}_POLL_BURST must be at least 1");
+        }
+        Ok(Rate { per_sec, burst })
+    };
+    let secs = |name: &str, v: Option<u64>, default: Duration| match v {
+        None => Ok(default),
+        Some(0) => bail!("{name} must be at least 1 second"),
+        Some(s) => Ok(Duration::from_secs(s)),
+    };
+    let at_least = |name: &str, v: Option<usize>, default: usize, min: usize| match v {
+        None => Ok(default),
+        Some(n) if n < min => bail!("{name} must be at least {min}, not {n}"),
+        Some(n) => Ok(n),
+    };
+    Ok(Limits {
+        session_polls: rate(
+            "SESSION",
+            settings.session_poll_rate,
+            settings.session_poll_burst,
+            d.session_polls,
+        )?,
+        address_polls: rate(
+            "ADDRESS",
+            settings.address_poll_rate,
+            settings.address_poll_burst,
+            d.address_polls,
+        )?,
+        max_polls_per_user: at_least(
+            "PNS_MAX_POLLS_PER_USER",
+            settings.max_polls_per_user,
+            d.max_polls_per_user,
+            1,
+        )?,
+        header_timeout: secs(
+            "PNS_HEADER_TIMEOUT_SECS",
+            settings.header_timeout_secs,
+            d.header_timeout,
+        )?,
+        body_timeout: secs(
+            "PNS_BODY_TIMEOUT_SECS",
+            settings.body_timeout_secs,
+            d.body_timeout,
+        )?,
+        max_body_bytes: at_least(
+            "PNS_MAX_BODY_BYTES",
+            settings.max_body_bytes,
+            d.max_body_bytes,
+            1024,
+        )?,
+        max_url_bytes: at_least(
+            "PNS_MAX_URL_BYTES",
+            settings.max_url_bytes,
+            d.max_url_bytes,
+            256,
+        )?,
+        max_tracked_sessions: at_least(
+            "PNS_MAX_TRACKED_SESSIONS",
+            settings.max_tracked_sessions,
+            d.max_tracked_sessions,
+            1,
+        )?,
+    })
 }
 
 fn parse_addr(s: &str) -> SocketAddr {

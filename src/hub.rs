@@ -13,14 +13,19 @@
 //! The registry is split into shards by user, so that wakes for different
 //! users rarely contend on one lock.
 //!
+//! A user holds at most `user_cap` polls at once: parking one more releases
+//! that user's oldest with [`Wake::Capped`], so a runaway client (or many tabs
+//! without the shared poll) cannot pin sockets without end.
+//!
 //! The hub also remembers, per user, what the last poll's store read proved
 //! ("nothing visible after seq N since M"), so that the poll that follows an
 //! answer at once, with that answer's cursor, can wait without reading the
 //! store again. The proof holds only until the user's next wake: every commit
-//! that makes a message visible is followed by [`Hub::wake`], which drops the
-//! user's entry and with it the proof, and each entry carries a generation
-//! that is never reused, so a read that raced with a wake never records
-//! anything.
+//! that makes a message visible, here or on another node, is followed by
+//! [`Hub::wake`] (or [`Hub::wake_all`] when wakes may have been missed), which
+//! drops the user's entry and with it the proof; and each entry carries a
+//! generation that is never reused, so a read that raced with a wake never
+//! records anything.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -29,8 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 const SHARDS: usize = 64;
-/// Users per shard beyond which no more read proofs are kept (an entry
-/// that only holds a proof lingers until the user's next wake).
+/// Users per shard beyond which an entry that only holds a read proof is
+/// not kept (it would linger until the user's next wake).
 const PROOFS_PER_SHARD: usize = 4096;
 
 /// Why a parked poll was woken.
@@ -44,11 +49,15 @@ pub enum Wake {
     Revoked,
     /// The node is shutting down; answer empty at once.
     ShuttingDown,
+    /// The user holds too many polls and this is the oldest; answer empty.
+    Capped,
 }
 
 struct Waiter {
     id: u64,
     session: Arc<str>,
+    /// Wall-clock ms when parked, to compare with polls begun on other nodes.
+    parked_ms: i64,
     wake: oneshot::Sender<Wake>,
 }
 
@@ -81,6 +90,7 @@ pub struct Hub {
     next_id: AtomicU64,
     held: AtomicUsize,
     closed: AtomicBool,
+    user_cap: usize,
 }
 
 /// A poll's place in the hub; await [`Parked::woken`], drop to leave.
@@ -103,6 +113,7 @@ impl Default for Hub {
             next_id: AtomicU64::new(1),
             held: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            user_cap: usize::MAX,
         }
     }
 }
@@ -110,6 +121,14 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Arc<Self> {
         Arc::new(Hub::default())
+    }
+
+    /// A hub that lets each user hold at most `cap` polls.
+    pub fn with_user_cap(cap: usize) -> Arc<Self> {
+        Arc::new(Hub {
+            user_cap: cap.max(1),
+            ..Hub::default()
+        })
     }
 
     fn shard(&self, user: &str) -> MutexGuard<'_, Shard> {
@@ -163,9 +182,23 @@ impl Hub {
                 true
             }
         });
+        if waiters.len() >= self.user_cap {
+            // Ids grow with time, so the smallest is the oldest.
+            if let Some(oldest) = waiters
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, w)| w.id)
+                .map(|(i, _)| i)
+            {
+                let w = waiters.swap_remove(oldest);
+                let _ = w.wake.send(Wake::Capped);
+                released += 1;
+            }
+        }
         waiters.push(Waiter {
             id,
             session: Arc::from(session),
+            parked_ms: crate::clock::now_ms(),
             wake: tx,
         });
         drop(shard);
@@ -202,6 +235,48 @@ impl Hub {
             for w in waiters {
                 let _ = w.wake.send(Wake::News);
             }
+        }
+    }
+
+    /// Wake every poll held on this node, to re-check the store: for when
+    /// wakeups may have been missed.
+    /// Every read proof is dropped with them.
+    pub fn wake_all(&self) {
+        for shard in self.shards.iter() {
+            let users = std::mem::take(&mut shard.lock().unwrap_or_else(|p| p.into_inner()).users);
+            for (_, state) in users {
+                self.held.fetch_sub(state.waiters.len(), Ordering::Relaxed);
+                for w in state.waiters {
+                    let _ = w.wake.send(Wake::News);
+                }
+            }
+        }
+    }
+
+    /// A poll of `session` began on another node at `at_ms`: release this
+    /// node's polls of it parked until then with [`Wake::Superseded`].
+    pub fn supersede(&self, user: &str, session: &str, at_ms: i64) {
+        let mut shard = self.shard(user);
+        let Some(state) = shard.users.get_mut(user) else {
+            return;
+        };
+        let waiters = &mut state.waiters;
+        let mut released = Vec::new();
+        let mut i = 0;
+        while i < waiters.len() {
+            if &*waiters[i].session == session && waiters[i].parked_ms <= at_ms {
+                released.push(waiters.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        if waiters.is_empty() && state.proof.is_none() {
+            shard.users.remove(user);
+        }
+        drop(shard);
+        self.held.fetch_sub(released.len(), Ordering::Relaxed);
+        for w in released {
+            let _ = w.wake.send(Wake::Superseded);
         }
     }
 
@@ -328,6 +403,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn newer_poll_of_a_session_supersedes_the_older() {
+        let hub = Hub::new();
+        let mut old = hub.park("a@x", "s1", 0, 0);
+        let _other = hub.park("a@x", "s2", 0, 0);
+        let _new = hub.park("a@x", "s1", 0, 0);
+        assert_eq!(old.woken().await, Wake::Superseded);
+        assert_eq!(hub.held(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_poll_begun_elsewhere_supersedes_only_older_polls_of_its_session() {
+        let hub = Hub::new();
+        let mut old = hub.park("a@x", "s1", 0, 0);
+        let mut other = hub.park("a@x", "s2", 0, 0);
+        hub.supersede("a@x", "s1", crate::clock::now_ms() - 60_000);
+        assert_eq!(hub.held(), 2, "a poll parked after the other began stays");
+        hub.supersede("a@x", "s1", crate::clock::now_ms());
+        assert_eq!(old.woken().await, Wake::Superseded);
+        assert_eq!(hub.held(), 1);
+        hub.wake_all();
+        assert_eq!(other.woken().await, Wake::News);
+        assert_eq!(hub.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_user_past_the_cap_loses_the_oldest_poll() {
+        let hub = Hub::with_user_cap(2);
+        let mut first = hub.park("a@x", "s1", 0, 0);
+        let _second = hub.park("a@x", "s2", 0, 0);
+        let _other_user = hub.park("b@x", "s9", 0, 0);
+        let _third = hub.park("a@x", "s3", 0, 0);
+        assert_eq!(first.woken().await, Wake::Capped);
+        assert_eq!(hub.held(), 3);
+        assert_eq!(hub.held_by_session("a@x").len(), 2);
+    }
+
+    #[tokio::test]
     async fn a_read_proof_spares_the_next_read_until_a_wake() {
         let hub = Hub::new();
         let first = hub.park("a@x", "s1", 0, 100);
@@ -355,13 +467,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn newer_poll_of_a_session_supersedes_the_older() {
+    async fn waking_everyone_drops_every_read_proof() {
         let hub = Hub::new();
-        let mut old = hub.park("a@x", "s1", 0, 0);
-        let _other = hub.park("a@x", "s2", 0, 0);
-        let _new = hub.park("a@x", "s1", 0, 0);
-        assert_eq!(old.woken().await, Wake::Superseded);
-        assert_eq!(hub.held(), 2);
+        let p = hub.park("a@x", "s1", 0, 0);
+        hub.note_read(&p, 7, 0);
+        drop(p);
+        hub.wake_all();
+        assert!(!hub.park("a@x", "s1", 7, 0).nothing_new());
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //!
 //! Browsers long-poll `GET /pns/poll`; the server holds each request until a
 //! message for that user exists or the hold ends. Messages come in over the
-//! internal HTTP API (and, later, Dovecot and a Maildir watcher). See
+//! internal HTTP API, from Dovecot's push_notification driver and from a
+//! Maildir watcher. See
 //! `SPEC.md` for the contract and `docs/` for the guides.
 //!
 //! # Layout
@@ -11,32 +12,45 @@
 //!
 //! - [`http`]: the two HTTP surfaces; thin handlers, one error type.
 //! - [`wire`]: the request and response JSON, side by side with SPEC.
-//! - [`ingest`]: where every way in ends: store, then wake.
-//! - [`store`]: the message store trait, with SQLite behind it.
+//! - [`ingest`]: where every way in ends: store, then wake. Beside it the
+//!   Maildir watcher (`ingest::maildir`) and raw mail parsing (`ingest::mime`).
+//! - [`store`]: the message store trait, with SQLite (default) and
+//!   PostgreSQL (several nodes) behind it.
 //! - [`scheduler`]: makes delayed messages visible when due.
 //! - [`hub`]: parks held polls and wakes them.
+//! - [`cluster`]: applies what other nodes sharing the store did (wakes,
+//!   revocations, poll starts) to this node.
 //! - [`poll`]: answers a poll from the store and the hub.
 //! - [`session`]: validates sids (JWT) and keeps revocations.
+//! - [`opaque`]: webmail sids that are not JWTs, registered over the API.
 //!
 //! Around them:
 //!
 //! - [`app`]: the shared state and `pns serve`'s start and stop.
 //! - [`server`]: the accept loop with limits and graceful drain.
+//! - [`address`]: the client address, through trusted reverse proxies.
+//! - [`limits`]: per-session and per-address poll rate limits.
+//! - [`registry`]: who polls this node, for the session list and metrics.
 //! - [`config`]: settings from file, environment and flags; generated secrets.
 //! - [`retention`]: the background purge.
 //! - [`metrics`]: counters, Prometheus text.
 //! - [`shutdown`]: the token every task watches.
 //! - [`cli`]: the `pns` command line.
 
+pub mod address;
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod hub;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
+pub mod opaque;
 pub mod poll;
+pub mod registry;
 pub mod retention;
 pub mod scheduler;
 pub mod server;

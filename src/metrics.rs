@@ -1,5 +1,10 @@
 //! Metrics: counters the hot paths bump, rendered as Prometheus text on
 //! `GET /metrics` and summarised by `GET /internal/v1/stats`.
+//!
+//! Every label set is bounded: outcomes, sources and rate-limit scopes are
+//! fixed lists, and the client tag (`comeFrom`) breakdown takes the first
+//! [`MAX_COME_FROM_LABELS`] distinct values it sees and counts the rest as
+//! `other`, so a client cannot grow the scrape without end.
 
 use crate::ingest::Source;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -8,6 +13,17 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Mutex, RwLock};
+
+/// Distinct `comeFrom` label values at most; later ones count as `other`.
+pub const MAX_COME_FROM_LABELS: usize = 32;
+/// The label of polls without a `comeFrom`.
+pub const NO_COME_FROM: &str = "none";
+/// The label of `comeFrom` values past the cap.
+pub const OTHER_COME_FROM: &str = "other";
+/// Recent deliveries kept for the latency percentiles of the stats summary.
+pub const LATENCY_WINDOW: usize = 4096;
 
 /// How a poll ended.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -16,8 +32,50 @@ pub enum Outcome {
     message,
     timeout,
     superseded,
+    /// Released because the user held more polls than allowed.
+    capped,
     shutdown,
     error,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::message,
+        Outcome::timeout,
+        Outcome::superseded,
+        Outcome::capped,
+        Outcome::shutdown,
+        Outcome::error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::message => "message",
+            Outcome::timeout => "timeout",
+            Outcome::superseded => "superseded",
+            Outcome::capped => "capped",
+            Outcome::shutdown => "shutdown",
+            Outcome::error => "error",
+        }
+    }
+}
+
+/// Which rate limit refused a poll.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum LimitScope {
+    session,
+    address,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabel {
+    scope: LimitScope,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComeFromLabel {
+    come_from: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,12 +99,27 @@ struct SourceLabel {
 pub struct Metrics {
     registry: Registry,
     polls_held: Gauge,
+    sessions_active: Gauge,
     poll_answers: Family<OutcomeLabel, Counter>,
+    polls_by_come_from: Family<ComeFromLabel, Counter>,
+    come_from_seen: RwLock<HashSet<String>>,
+    rate_limited: Family<ScopeLabel, Counter>,
     accepted: Family<SourceLabel, Counter>,
     pub duplicates: Counter,
     pub delivered: Counter,
     pub store_errors: Counter,
     pub delivery_latency: Histogram,
+    /// The latest delivery latencies in ms, newest last.
+    latency_window: Mutex<VecDeque<u32>>,
+    started: std::time::Instant,
+}
+
+/// Delivery latency percentiles over the recent window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencySummary {
+    pub p50_ms: u32,
+    pub p99_ms: u32,
+    pub samples: usize,
 }
 
 impl Default for Metrics {
@@ -59,7 +132,10 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("pns");
         let polls_held = Gauge::default();
+        let sessions_active = Gauge::default();
         let poll_answers = Family::<OutcomeLabel, Counter>::default();
+        let polls_by_come_from = Family::<ComeFromLabel, Counter>::default();
+        let rate_limited = Family::<ScopeLabel, Counter>::default();
         let accepted = Family::<SourceLabel, Counter>::default();
         let duplicates = Counter::default();
         let delivered = Counter::default();
@@ -74,9 +150,24 @@ impl Metrics {
             polls_held.clone(),
         );
         registry.register(
+            "sessions_active",
+            "Sessions that polled this node lately and have not expired",
+            sessions_active.clone(),
+        );
+        registry.register(
             "poll_answers",
             "Poll answers by outcome",
             poll_answers.clone(),
+        );
+        registry.register(
+            "polls_by_come_from",
+            "Polls by client tag (comeFrom): the first 32 distinct values, the rest as other",
+            polls_by_come_from.clone(),
+        );
+        registry.register(
+            "polls_rate_limited",
+            "Polls refused with 429, by the limit that refused them",
+            rate_limited.clone(),
         );
         registry.register(
             "messages_accepted",
@@ -100,19 +191,141 @@ impl Metrics {
         );
         registry.register(
             "delivery_latency_seconds",
-            "From a message becoming visible to its poll answer",
+            "From a message being accepted (or due, when delayed) to its poll answer",
             delivery_latency.clone(),
         );
+        // Every series exists from the start, so rates and alerts see zeros.
+        for outcome in Outcome::ALL {
+            let _ = poll_answers.get_or_create(&OutcomeLabel { outcome });
+        }
+        for source in [SourceValue::api, SourceValue::maildir, SourceValue::dovecot] {
+            let _ = accepted.get_or_create(&SourceLabel { source });
+        }
+        for scope in [LimitScope::session, LimitScope::address] {
+            let _ = rate_limited.get_or_create(&ScopeLabel { scope });
+        }
         Metrics {
             registry,
             polls_held,
+            sessions_active,
             poll_answers,
+            polls_by_come_from,
+            come_from_seen: RwLock::default(),
+            rate_limited,
             accepted,
             duplicates,
             delivered,
             store_errors,
             delivery_latency,
+            latency_window: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// A message written into a poll answer `latency_ms` after it was accepted
+    /// (or came due).
+    pub fn observe_delivery(&self, latency_ms: i64) {
+        let ms = latency_ms.max(0);
+        self.delivery_latency.observe(ms as f64 / 1000.0);
+        let mut w = self
+            .latency_window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if w.len() == LATENCY_WINDOW {
+            w.pop_front();
+        }
+        w.push_back(u32::try_from(ms).unwrap_or(u32::MAX));
+    }
+
+    /// p50 and p99 over the last [`LATENCY_WINDOW`] deliveries; `None` before any.
+    pub fn latency_summary(&self) -> Option<LatencySummary> {
+        let mut v: Vec<u32> = self
+            .latency_window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+        Some(LatencySummary {
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            samples: v.len(),
+        })
+    }
+
+    /// Count a poll under its client tag (already sanitised), within the cap.
+    pub fn polled_from(&self, come_from: Option<&str>) {
+        let label = match come_from {
+            None => NO_COME_FROM.to_owned(),
+            Some(c) => {
+                let known = self
+                    .come_from_seen
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(c);
+                if known {
+                    c.to_owned()
+                } else {
+                    let mut seen = self
+                        .come_from_seen
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if seen.contains(c) || seen.len() < MAX_COME_FROM_LABELS {
+                        seen.insert(c.to_owned());
+                        c.to_owned()
+                    } else {
+                        OTHER_COME_FROM.to_owned()
+                    }
+                }
+            }
+        };
+        self.polls_by_come_from
+            .get_or_create(&ComeFromLabel { come_from: label })
+            .inc();
+    }
+
+    /// Polls by client tag so far, largest first.
+    pub fn come_from_counts(&self) -> Vec<(String, u64)> {
+        let seen: Vec<String> = self
+            .come_from_seen
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .chain([NO_COME_FROM.to_owned(), OTHER_COME_FROM.to_owned()])
+            .collect();
+        let mut out: Vec<(String, u64)> = seen
+            .into_iter()
+            .filter_map(|c| {
+                let n = self
+                    .polls_by_come_from
+                    .get(&ComeFromLabel {
+                        come_from: c.clone(),
+                    })
+                    .map(|m| m.get())?;
+                Some((c, n))
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    pub fn rate_limited(&self, scope: LimitScope) {
+        self.rate_limited.get_or_create(&ScopeLabel { scope }).inc();
+    }
+
+    pub fn rate_limited_count(&self, scope: LimitScope) -> u64 {
+        self.rate_limited.get_or_create(&ScopeLabel { scope }).get()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     pub fn accepted(&self, source: Source, accepted: u64, duplicates: u64) {
@@ -146,13 +359,47 @@ impl Metrics {
             .sum()
     }
 
-    /// Prometheus text exposition, with `polls_held` read at scrape time.
-    pub fn render(&self, polls_held: usize) -> String {
+    /// Prometheus text exposition, with the gauges read at scrape time.
+    pub fn render(&self, polls_held: usize, sessions_active: usize) -> String {
         self.polls_held.set(polls_held as i64);
+        self.sessions_active.set(sessions_active as i64);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn come_from_labels_stop_at_the_cap() {
+        let m = Metrics::new();
+        for i in 0..100 {
+            m.polled_from(Some(&format!("tag{i}")));
+        }
+        m.polled_from(Some("tag0"));
+        m.polled_from(None);
+        let counts = m.come_from_counts();
+        assert_eq!(counts.len(), MAX_COME_FROM_LABELS + 2);
+        assert!(counts.contains(&("other".into(), 100 - MAX_COME_FROM_LABELS as u64)));
+        assert!(counts.contains(&("tag0".into(), 2)));
+        assert!(counts.contains(&("none".into(), 1)));
+        let text = m.render(0, 0);
+        assert!(text.contains("pns_polls_by_come_from_total{come_from=\"other\"} 68"));
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_the_recent_window() {
+        let m = Metrics::new();
+        assert_eq!(m.latency_summary(), None);
+        for ms in 1..=100 {
+            m.observe_delivery(ms);
+        }
+        let s = m.latency_summary().unwrap();
+        assert_eq!((s.p50_ms, s.p99_ms, s.samples), (50, 99, 100));
     }
 }

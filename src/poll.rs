@@ -1,6 +1,7 @@
 //! Answering a poll: read the store from the session's position, and if there
 //! is no news, wait in the hub until there is, the hold ends, a newer poll of
-//! the session takes over, the session is revoked or the node shuts down.
+//! the session takes over, the session is revoked, the user holds too many
+//! polls, or the node shuts down.
 
 use crate::app::App;
 use crate::http::error::ApiError;
@@ -44,6 +45,9 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
         None => app.store.position(&session.key).await?.unwrap_or(0),
     };
     let deadline = Instant::now() + timeout;
+    // Other nodes sharing the store release their older polls of this session.
+    app.store
+        .announce_poll(&session.user, &session.key, crate::clock::now_ms());
     loop {
         // Park before reading, so a commit between the read and the wait
         // still wakes this poll.
@@ -78,13 +82,17 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
         }
         tokio::select! {
             wake = parked.woken() => match wake {
+                // A revocation heard from another node (or reloaded after
+                // a reconnect) reaches a held poll as a wake.
+                Wake::News if app.sessions.is_revoked(&session) => {
+                    return Err(SessionError::Revoked.into());
+                }
                 Wake::News => continue,
                 Wake::Superseded => return Ok(empty(app, after, Outcome::superseded)),
                 Wake::ShuttingDown => return Ok(empty(app, after, Outcome::shutdown)),
-                Wake::Revoked => {
-                    app.metrics.answered(Outcome::error);
-                    return Err(SessionError::Revoked.into());
-                }
+                Wake::Capped => return Ok(empty(app, after, Outcome::capped)),
+                // Counted as an error answer by the handler.
+                Wake::Revoked => return Err(SessionError::Revoked.into()),
             },
             _ = tokio::time::sleep_until(deadline) => return Ok(empty(app, after, Outcome::timeout)),
         }
@@ -117,9 +125,7 @@ async fn deliver(
     let now = crate::clock::now_ms();
     let mut msg = Vec::with_capacity(found.len());
     for m in found {
-        app.metrics
-            .delivery_latency
-            .observe((now - m.visible_ms).max(0) as f64 / 1000.0);
+        app.metrics.observe_delivery(now - m.visible_ms);
         let data = serde_json::value::RawValue::from_string(m.data).map_err(|e| {
             ApiError::Internal(anyhow::anyhow!("stored data of {} is not JSON: {e}", m.id))
         })?;

@@ -46,6 +46,8 @@ pub enum SessionError {
     MissingClaim(&'static str),
     #[error("session has been revoked")]
     Revoked,
+    #[error("session is not known: it was never registered, or has been deleted")]
+    Unknown,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,10 +98,15 @@ impl SessionValidator {
         };
         let mut validation = Validation::new(alg);
         validation.leeway = EXP_LEEWAY_SECS;
-        validation.set_required_spec_claims(&["exp", "sub"]);
         match audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+            }
+            None => {
+                validation.validate_aud = false;
+                validation.set_required_spec_claims(&["exp", "sub"]);
+            }
         }
         Ok(SessionValidator {
             key,
@@ -151,7 +158,8 @@ impl SessionValidator {
         Ok(session)
     }
 
-    fn is_revoked(&self, s: &Session) -> bool {
+    /// True when `s` is revoked, by its id or by its user's revocation.
+    pub fn is_revoked(&self, s: &Session) -> bool {
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         if revoked.sessions.is_empty() && revoked.mailboxes.is_empty() {
             return false;

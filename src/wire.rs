@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::collections::BTreeMap;
 
 /// Messages one poll answer carries at most.
 pub const MAX_MESSAGES_PER_ANSWER: usize = 100;
@@ -68,6 +69,26 @@ pub struct NotifyItem {
     pub delay_ms: Option<u64>,
 }
 
+/// `PUT`/`POST /preliminary/http-notify/v1/notify`: what Dovecot's
+/// `push_notification` OX driver sends (`from` and `subject` still RFC 2047
+/// encoded). Keys this does not know are ignored: other Dovecot versions
+/// may add some.
+#[derive(Debug, Deserialize)]
+pub struct DovecotEvent {
+    pub user: Option<String>,
+    /// `messageNew` for a delivery.
+    pub event: Option<String>,
+    pub folder: Option<String>,
+    #[serde(rename = "imap-uidvalidity")]
+    pub uidvalidity: Option<u64>,
+    #[serde(rename = "imap-uid")]
+    pub uid: Option<u64>,
+    pub from: Option<String>,
+    pub subject: Option<String>,
+    pub snippet: Option<String>,
+    pub unseen: Option<u64>,
+}
+
 /// `202` answer of a notify.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NotifyAccepted {
@@ -91,4 +112,101 @@ pub struct RevokeRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RevokeAnswer {
     pub revoked: bool,
+}
+
+/// `POST /internal/v1/sessions`: register an opaque (non-JWT) sid.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegisterSession {
+    pub sid: String,
+    pub user: String,
+    pub ttl_secs: u64,
+}
+
+/// `201` answer of a registration. `jti` is the hex SHA-256 of the sid: the
+/// session's id in the session list, for revocation and deletion.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisteredSession {
+    pub jti: String,
+    pub user: String,
+    /// Unix ms: where the session's news begins.
+    pub start_ms: i64,
+    /// Unix ms: when the sid stops being accepted.
+    pub expires_ms: i64,
+}
+
+/// `DELETE /internal/v1/sessions` with the sid itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteSession {
+    pub sid: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeleteAnswer {
+    pub deleted: bool,
+}
+
+/// `GET /internal/v1/sessions?user=…`
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionList {
+    pub user: String,
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// One active session of a user on this node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    /// The token's `jti` (a hash of the token without one), or for an
+    /// opaque session the hex SHA-256 of its sid.
+    pub jti: String,
+    pub user: String,
+    /// `jwt` or `opaque`.
+    pub kind: String,
+    /// The client tag of the latest poll, cleaned.
+    pub come_from: Option<String>,
+    /// The client address of the latest poll.
+    pub address: Option<String>,
+    /// Unix ms.
+    pub first_poll_ms: i64,
+    /// Unix ms.
+    pub last_poll_ms: i64,
+    pub polls_held: usize,
+    pub messages_delivered: u64,
+    /// Unix ms: when the session expires.
+    pub expires_ms: i64,
+}
+
+/// `GET /internal/v1/stats`: a summary of this node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub version: String,
+    pub uptime_secs: u64,
+    pub hold_secs: u64,
+    pub sessions_active: usize,
+    pub polls_held: usize,
+    pub messages_accepted: u64,
+    pub messages_delivered: u64,
+    /// Visible and delayed messages in the store (cluster-wide on PostgreSQL).
+    pub messages_stored: i64,
+    pub duplicates: u64,
+    pub store_errors: u64,
+    /// Poll answers by outcome.
+    pub poll_answers: BTreeMap<String, u64>,
+    /// Polls refused with 429, by limit (`session`, `address`).
+    pub rate_limited: BTreeMap<String, u64>,
+    /// Over the latest deliveries (up to 4096).
+    pub delivery_latency_ms: LatencyStats,
+    /// Polls by client tag, as in the metrics.
+    pub come_from: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LatencyStats {
+    pub p50: Option<u32>,
+    pub p99: Option<u32>,
+    pub samples: usize,
 }

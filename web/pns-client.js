@@ -366,8 +366,8 @@ class SoloElection {
 /**
  * Web Locks: the leader holds the lock for the whole of its leadership;
  * the other tabs wait in the lock queue. When the leading tab closes (or
- * crashes), the browser hands the lock to the next waiter at once.
- * (Chrome also does not freeze background tabs that hold a Web Lock.)
+ * crashes), the browser hands the lock to the next waiter at once. A tab
+ * that the browser freezes steps down first (see PnsClient's 'freeze' handler).
  */
 export class WebLocksElection {
   #locks; #name; #hooks;
@@ -465,8 +465,9 @@ export class BroadcastElection {
     } else if (msg.t === 'hb') {
       if (msg.from === id) return;
       if (this.#role === 'leader') {
-        if (false) this.#follow(msg.from); // the other one wins
-        else this.#o.post({ t: 'hb' }); // we win: tell it now
+        // Two leaders: the smaller id wins; the other yields when it hears
+        // the winner's next regular heartbeat (no instant reply: no ping-pong).
+        if (String(msg.from) < id) this.#follow(msg.from);
         return;
       }
       this.#lastHb = now();
@@ -568,7 +569,7 @@ export class PnsClient {
   #storageKey;
   #listeners = new Map(EVENTS.map((e) => [e, new Set()]));
   #running = false;
-  #suspended = false; // torn down by pagehide, to be resumed by pageshow
+  #suspended = false; // torn down by pagehide/freeze, to be set up again by pageshow/resume
   #state = 'idle';
   #detail = { state: 'idle', role: null };
   #emittedRole = null;
@@ -721,24 +722,31 @@ export class PnsClient {
 
   #bindWindow() {
     const w = this.#o.window;
-    if (!w || typeof w.addEventListener !== 'function') return;
-    const on = (type, fn) => {
-      w.addEventListener(type, fn);
-      this.#unbind.push(() => w.removeEventListener(type, fn));
+    const on = (target, type, fn) => {
+      if (!target || typeof target.addEventListener !== 'function') return;
+      target.addEventListener(type, fn);
+      this.#unbind.push(() => target.removeEventListener(type, fn));
     };
-    // Leaving the page (or entering the back/forward cache): let another tab lead now.
-    on('pagehide', () => {
+    // Leaving the page or entering the back/forward cache (pagehide), or being
+    // frozen by the browser (freeze, on document): step down now, so that
+    // another tab leads instead of waiting behind a tab that cannot run.
+    const suspend = () => {
       if (!this.#running || this.#suspended) return;
       this.#suspended = true;
       this.#teardown();
-    });
-    on('pageshow', (ev) => {
-      if (!this.#running || !this.#suspended || !(ev && ev.persisted)) return;
+    };
+    const resume = () => {
+      if (!this.#running || !this.#suspended) return;
       this.#suspended = false;
       this.#setup();
-    });
+    };
+    on(w, 'pagehide', suspend);
+    on(w, 'pageshow', resume);
+    const doc = w && w.document;
+    on(doc, 'freeze', suspend);
+    on(doc, 'resume', resume);
     // Back online: do not sit out the rest of a network backoff.
-    on('online', () => this.#loop && this.#loop.wake());
+    on(w, 'online', () => this.#loop && this.#loop.wake());
   }
 
   #unbindWindow() {

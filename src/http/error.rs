@@ -26,9 +26,15 @@ pub enum ApiError {
     /// 404 `NOT_FOUND`.
     #[error("no such endpoint")]
     NotFound,
+    /// 408 `REQUEST_TIMEOUT`: the request body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 413 `PAYLOAD_TOO_LARGE`.
     #[error("{0}")]
     TooLarge(String),
+    /// 414 `URI_TOO_LONG`.
+    #[error("{0}")]
+    UriTooLong(String),
     /// 415 `UNSUPPORTED_MEDIA_TYPE`.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -65,7 +71,9 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Session(_) | ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidField(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -80,7 +88,9 @@ impl ApiError {
             ApiError::Session(_) => "SESSION_INVALID",
             ApiError::Unauthorized(_) => "UNAUTHORIZED",
             ApiError::NotFound => "NOT_FOUND",
+            ApiError::RequestTimeout(_) => "REQUEST_TIMEOUT",
             ApiError::TooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::UriTooLong(_) => "URI_TOO_LONG",
             ApiError::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::InvalidField(_) => "INVALID_FIELD",
             ApiError::RateLimited { .. } => "RATE_LIMITED",

@@ -4,7 +4,9 @@
 //!
 //! - [`poll`]: `GET /pns/poll`
 //! - [`notify`]: `POST /internal/v1/notify`
-//! - [`admin`]: session revocation and stats
+//! - [`dovecot`]: `PUT /preliminary/http-notify/v1/notify`, Dovecot's push_notification driver
+//! - [`admin`]: session revocation, listing, opaque sessions, stats
+//! - [`limits`]: URL, body size and body timeout limits in front of them
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`
 //! - [`demo`]: the demo page, the bundled client and the demo session
 //! - [`error`]: the one error type, mapped to status and `errorCode`
@@ -12,8 +14,10 @@
 pub mod admin;
 pub mod body;
 pub mod demo;
+pub mod dovecot;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod notify;
 pub mod poll;
 
@@ -22,15 +26,16 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use error::ApiError;
 use std::sync::Arc;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-/// Request bodies larger than this are refused with 413.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Internal request bodies larger than this are refused with 413 by default
+/// (`PNS_MAX_BODY_BYTES`).
+pub const MAX_BODY_BYTES: usize = crate::config::DEFAULT_MAX_BODY_BYTES;
 
 /// The router of the public listener.
 pub fn public_router(app: Arc<App>) -> Router {
@@ -41,6 +46,11 @@ pub fn public_router(app: Arc<App>) -> Router {
         .route("/pns/client.js", get(demo::client_js))
         .route("/", get(demo::page))
         .route("/pns/demo/session", get(demo::session))
+        // On known routes only: elsewhere the answer is 404 whatever the size.
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            limits::public_request,
+        ))
         .fallback(not_found)
         .with_state(app.clone())
         .layer(no_store());
@@ -68,18 +78,48 @@ pub fn internal_router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route("/internal/v1/notify", post(notify::notify))
         .route("/internal/v1/sessions/revoke", post(admin::revoke))
+        .route(
+            "/internal/v1/sessions",
+            get(admin::list_sessions)
+                .post(admin::register_session)
+                .delete(admin::delete_session),
+        )
+        .route(
+            "/internal/v1/sessions/{jti}",
+            delete(admin::delete_session_by_id),
+        )
         .route("/internal/v1/stats", get(admin::stats))
+        // Layers run bottom up: the token is checked before a body is read.
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            limits::internal_body,
+        ))
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             require_internal_token,
         ));
+    let dovecot = Router::new()
+        .route(
+            "/preliminary/http-notify/v1/notify",
+            put(dovecot::notify).post(dovecot::notify),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            limits::internal_body,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            dovecot::require_credentials,
+        ));
+    let max_body = app.config.limits.max_body_bytes;
     Router::new()
         .merge(api)
+        .merge(dovecot)
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
         .layer(no_store())
 }

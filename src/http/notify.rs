@@ -93,19 +93,7 @@ fn into_batch(body: NotifyBody, max_delay_ms: i64) -> Result<Vec<NewMessage>, Ap
 /// Check one message; `at` prefixes field names in errors (`messages[3].`).
 pub fn validate(item: NotifyItem, at: &str, max_delay_ms: i64) -> Result<NewMessage, ApiError> {
     let bad = |field: &str, why: String| ApiError::InvalidField(format!("{at}{field}: {why}"));
-    let user = item.user.trim();
-    if user.is_empty() {
-        return Err(bad("user", "must not be empty".into()));
-    }
-    if user.len() > MAX_USER_LEN {
-        return Err(bad("user", format!("longer than {MAX_USER_LEN} bytes")));
-    }
-    if user.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(bad(
-            "user",
-            "must not contain spaces or control characters".into(),
-        ));
-    }
+    let user = check_user(&item.user).map_err(|why| bad("user", why))?;
     if !(1..=MAX_TYPE).contains(&item.kind) {
         return Err(bad(
             "type",
@@ -140,6 +128,22 @@ pub fn validate(item: NotifyItem, at: &str, max_delay_ms: i64) -> Result<NewMess
         dedup_key,
         delay_ms,
     })
+}
+
+/// A mailbox address as PNS takes it: trimmed, not empty, at most
+/// [`MAX_USER_LEN`] bytes, without spaces or control characters.
+pub fn check_user(user: &str) -> Result<&str, String> {
+    let user = user.trim();
+    if user.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if user.len() > MAX_USER_LEN {
+        return Err(format!("longer than {MAX_USER_LEN} bytes"));
+    }
+    if user.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    Ok(user)
 }
 
 fn check_data(raw: Box<RawValue>) -> Result<String, String> {

@@ -1,14 +1,20 @@
-//! `GET /pns/poll`: find the sid, parse the query, hand over to [`crate::poll`].
+//! `GET /pns/poll`: check the client address's rate, find and check the sid
+//! (a JWT, or an opaque sid registered by the webmail), check the session's
+//! rate, note the poll in the session registry, and hand over to
+//! [`crate::poll`].
 
 use super::error::ApiError;
 use crate::app::App;
+use crate::metrics::{LimitScope, Outcome};
 use crate::poll::{decode_cursor, PollRequest};
-use axum::extract::{RawQuery, State};
+use crate::registry::sanitize_come_from;
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default, Deserialize)]
 struct PollQuery {
@@ -23,16 +29,28 @@ pub async fn poll(
     State(app): State<Arc<App>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Result<Json<crate::wire::PollAnswer>, ApiError> {
-    // The request's headers share hyper's read buffer (8 KiB); parsing
-    // consumes them here, so that a held poll does not keep that buffer
-    // alive beside the one hyper reads the next bytes into.
-    let request = parse(&app, query, headers)?;
-    let answer = crate::poll::answer(&app, request).await?;
-    Ok(Json(answer))
+    let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let result = poll_inner(&app, query, headers, peer).await;
+    if result.is_err() {
+        app.metrics.answered(Outcome::error);
+    }
+    result.map(Json)
 }
 
-fn parse(app: &App, query: Option<String>, headers: HeaderMap) -> Result<PollRequest, ApiError> {
+async fn poll_inner(
+    app: &App,
+    query: Option<String>,
+    headers: HeaderMap,
+    peer: Option<std::net::IpAddr>,
+) -> Result<crate::wire::PollAnswer, ApiError> {
+    let address = crate::address::client_address(peer, &headers, &app.config.trusted_proxies);
+    if let Some(ip) = address {
+        app.address_limits
+            .check(&crate::address::rate_key(ip), Instant::now())
+            .map_err(|wait| rate_limited(app, LimitScope::address, wait))?;
+    }
     let query: PollQuery = match query.as_deref() {
         Some(q) => serde_urlencoded::from_str(q)
             .map_err(|e| ApiError::BadRequest(format!("query string is malformed: {e}")))?,
@@ -44,7 +62,16 @@ fn parse(app: &App, query: Option<String>, headers: HeaderMap) -> Result<PollReq
         .or_else(|| bearer(&headers))
         .or_else(|| cookie(&headers, "pns_sid"))
         .ok_or(crate::session::SessionError::Missing)?;
-    let session = app.sessions.validate(sid)?;
+    let now_ms = crate::clock::now_ms();
+    let opaque = !sid.is_empty() && !crate::opaque::looks_like_jwt(sid);
+    let session = if opaque {
+        app.opaque.resolve(sid, &app.sessions, now_ms).await?
+    } else {
+        app.sessions.validate(sid)?
+    };
+    app.session_limits
+        .check(&session.key, Instant::now())
+        .map_err(|wait| rate_limited(app, LimitScope::session, wait))?;
     let hold = app.config.hold;
     let timeout = match query.timeout.as_deref() {
         None | Some("") => hold,
@@ -62,12 +89,35 @@ fn parse(app: &App, query: Option<String>, headers: HeaderMap) -> Result<PollReq
         None | Some("") => None,
         Some(c) => Some(decode_cursor(c)?),
     };
-    let _ = query.come_from;
-    Ok(PollRequest {
-        session,
-        cursor,
-        timeout,
-    })
+    let come_from = query.come_from.as_deref().and_then(sanitize_come_from);
+    app.metrics.polled_from(come_from.as_deref());
+    app.registry
+        .polled(&session, opaque, come_from.as_deref(), address, now_ms);
+    // The request's headers are slices of hyper's 8 KiB read buffer, and
+    // hyper reads ahead into a fresh one while the request is in flight:
+    // let go of them before the hold, or each held poll keeps two.
+    drop(headers);
+    let key = session.key.clone();
+    let answer = crate::poll::answer(
+        app,
+        PollRequest {
+            session,
+            cursor,
+            timeout,
+        },
+    )
+    .await?;
+    if answer.c > 0 {
+        app.registry.delivered(&key, answer.c as u64);
+    }
+    Ok(answer)
+}
+
+fn rate_limited(app: &App, scope: LimitScope, wait: Duration) -> ApiError {
+    app.metrics.rate_limited(scope);
+    ApiError::RateLimited {
+        retry_after_secs: crate::limits::retry_after_secs(wait),
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

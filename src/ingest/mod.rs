@@ -4,6 +4,13 @@
 //! batch durably, then wakes the polls of the users who got visible news and
 //! tells the delay scheduler about delayed ones. Data flows one way from
 //! here: store, then hub, then poll answers.
+//!
+//! The ways in: the internal API (`crate::http::notify`), Dovecot's
+//! `push_notification` driver (`crate::http::dovecot`) and the [`maildir`]
+//! watcher; [`mime`] turns raw mail into the fields of a new-mail message.
+
+pub mod maildir;
+pub mod mime;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -37,6 +44,8 @@ pub struct AcceptReport {
     pub ids: Vec<String>,
 }
 
+/// Cheap to clone: every part is shared.
+#[derive(Clone)]
 pub struct Ingest {
     store: SharedStore,
     hub: Arc<Hub>,
@@ -66,9 +75,8 @@ impl Ingest {
     ) -> StoreResult<AcceptReport> {
         let now = crate::clock::now_ms();
         let users: Vec<String> = batch.iter().map(|m| m.user.clone()).collect();
-        let outcomes = self.store.accept(batch, now).await.inspect_err(|_| {
-            self.metrics.store_errors.inc();
-        })?;
+        // A failure is counted by the metered store.
+        let outcomes = self.store.accept(batch, now).await?;
         let mut report = AcceptReport {
             accepted: 0,
             duplicates: 0,

@@ -1,5 +1,5 @@
-//! The message store: where accepted messages, dedup keys, session positions
-//! and revocations live. One trait, [`MessageStore`], with SQLite (the embedded
+//! The message store: where accepted messages, dedup keys, session positions,
+//! revocations and opaque sessions live. One trait, [`MessageStore`], with SQLite (the embedded
 //! default) and PostgreSQL (the cluster store) behind it.
 //!
 //! Invariants every implementation keeps:
@@ -8,11 +8,19 @@
 //! - Per mailbox, the `seq` of visible messages grows in commit order, so a
 //!   reader that has seen `seq = n` never later finds a new message below `n`.
 //! - A delayed message gets its `seq` when it becomes due, not when accepted.
+//! - A store that several nodes share reports, through [`MessageStore::events`],
+//!   what the other nodes did that this node must act on; the rest of the
+//!   application never asks which store it runs on.
 
+mod metered;
+mod postgres;
 mod sqlite;
+
+pub use metered::Metered;
 
 pub use sqlite::sqlite_path;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -66,6 +74,31 @@ pub struct RetentionPolicy {
     pub max_age_ms: i64,
 }
 
+/// What another node sharing the store did, as this node hears of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Visible messages for `user` were committed: wake its polls.
+    News { user: String },
+    /// A session was revoked until `expires_ms`.
+    SessionRevoked { jti: String, expires_ms: i64 },
+    /// Every session of `user` started at or before `at_ms` was revoked.
+    MailboxRevoked { user: String, at_ms: i64 },
+    /// A delayed message was stored: the next due time may be earlier.
+    DelayedAccepted,
+    /// An opaque session was registered (or registered again), or deleted:
+    /// drop what is cached of it; when deleted, end its held polls.
+    OpaqueSessionChanged { sid_hash: String, deleted: bool },
+    /// A poll of `session` began elsewhere at `at_ms`: older polls of it end.
+    PollStarted {
+        user: String,
+        session: String,
+        at_ms: i64,
+    },
+    /// Events may have been missed (the feed reconnected, or its reader fell
+    /// behind): reload the revocations and re-check every held poll.
+    Resync,
+}
+
 /// What one purge removed.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PurgeReport {
@@ -73,6 +106,17 @@ pub struct PurgeReport {
     pub dedup_keys: u64,
     pub positions: u64,
     pub revocations: u64,
+    pub opaque_sessions: u64,
+}
+
+/// An opaque session (a webmail sid that is not a JWT), known by the SHA-256
+/// of its sid; the sid itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpaqueSession {
+    pub user: String,
+    /// When it was first registered: where its news begins.
+    pub start_ms: i64,
+    pub expires_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,16 +136,27 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Unavailable(_) | StoreError::WriterGone => true,
-            StoreError::Database(e) => matches!(
-                e,
+            StoreError::Database(e) => match e {
                 sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Io(_)
-                    | sqlx::Error::WorkerCrashed
-            ),
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| unavailable_sqlstate(&c)),
+                _ => false,
+            },
             StoreError::Migrate(_) => false,
         }
     }
+}
+
+/// SQLSTATEs that mean the database cannot serve now, not that the request
+/// is wrong: connection exceptions (08), insufficient resources such as too
+/// many connections (53), shutdown or start-up in progress (57P01-57P03), and
+/// a read-only database, as a standby is right after a failover (25006).
+fn unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -142,7 +197,25 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn revoke_mailbox(&self, user: &str, revoked_ms: i64) -> StoreResult<()>;
     async fn revocations(&self, now_ms: i64) -> StoreResult<Revocations>;
 
-    /// Apply the retention policy.
+    /// Register an opaque session by the hex SHA-256 of its sid, until
+    /// `expires_ms`. Registering a live session of the same user again only
+    /// moves its expiry; otherwise it starts anew at `now_ms`. Returns the
+    /// session as stored.
+    async fn register_opaque_session(
+        &self,
+        sid_hash: &str,
+        user: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<OpaqueSession>;
+
+    /// The opaque session with this sid hash, expired or not.
+    async fn opaque_session(&self, sid_hash: &str) -> StoreResult<Option<OpaqueSession>>;
+
+    /// Remove an opaque session; false when there was none.
+    async fn delete_opaque_session(&self, sid_hash: &str) -> StoreResult<bool>;
+
+    /// Apply the retention policy (and drop expired opaque sessions).
     async fn purge(&self, policy: RetentionPolicy, now_ms: i64) -> StoreResult<PurgeReport>;
 
     /// Count of visible and delayed messages held (for stats).
@@ -150,23 +223,60 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Events from the other nodes sharing this store, for a store that can
+    /// be shared; `None` when no other node can write to it (SQLite).
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        None
+    }
+
+    /// A poll of `session` began on this node at `at_ms`; a shared store tells
+    /// the other nodes ([`StoreEvent::PollStarted`]), best effort.
+    fn announce_poll(&self, _user: &str, _session: &str, _at_ms: i64) {}
 }
 
 pub type SharedStore = Arc<dyn MessageStore>;
 
-/// Open the store named by a database URL, running its migrations.
+fn is_postgres(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
+}
+
+/// Open the store named by a database URL, running its migrations; fails
+/// when the database cannot be reached (`pns migrate`).
 pub async fn open(database_url: &str) -> StoreResult<SharedStore> {
     if database_url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::open(database_url).await?))
+    } else if is_postgres(database_url) {
+        let store = PgStore::new(database_url)?;
+        store.ready().await?;
+        Ok(Arc::new(store))
     } else {
         Err(StoreError::Database(sqlx::Error::Configuration(
             format!(
-                "unsupported database URL scheme in {:?}: use sqlite:// (or postgres:// once enabled)",
+                "unsupported database URL scheme in {:?}: use sqlite:// or postgres://",
                 database_url.split(':').next().unwrap_or_default()
             )
             .into(),
         )))
     }
+}
+
+/// Like [`open`], but a PostgreSQL store that cannot be reached yet is
+/// returned anyway (`pns serve`): the node starts, answers 503 until the
+/// database is back, then migrates on first contact. Any other error fails.
+pub async fn connect(database_url: &str) -> StoreResult<SharedStore> {
+    if !is_postgres(database_url) {
+        return open(database_url).await;
+    }
+    let store = PgStore::new(database_url)?;
+    match store.ready().await {
+        Ok(_) => {}
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(error = %e, "the database is unreachable; answering 503 until it is back");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(Arc::new(store))
 }
 
 /// A fresh message id: 128 random bits, URL-safe.

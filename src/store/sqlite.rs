@@ -10,8 +10,8 @@
 //! separate pool of connections, which WAL mode lets run beside the writer.
 
 use super::{
-    new_message_id, Accepted, MessageStore, NewMessage, PurgeReport, RetentionPolicy, Revocations,
-    StoreError, StoreResult, StoredMessage,
+    new_message_id, Accepted, MessageStore, NewMessage, OpaqueSession, PurgeReport,
+    RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
 };
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -66,6 +66,17 @@ enum WriteOp {
         policy: RetentionPolicy,
         now_ms: i64,
         reply: oneshot::Sender<StoreResult<PurgeReport>>,
+    },
+    RegisterOpaque {
+        sid_hash: String,
+        user: String,
+        now_ms: i64,
+        expires_ms: i64,
+        reply: oneshot::Sender<StoreResult<OpaqueSession>>,
+    },
+    DeleteOpaque {
+        sid_hash: String,
+        reply: oneshot::Sender<StoreResult<bool>>,
     },
 }
 
@@ -164,6 +175,11 @@ enum Done {
         oneshot::Sender<StoreResult<PurgeReport>>,
         StoreResult<PurgeReport>,
     ),
+    Opaque(
+        oneshot::Sender<StoreResult<OpaqueSession>>,
+        StoreResult<OpaqueSession>,
+    ),
+    Flag(oneshot::Sender<StoreResult<bool>>, StoreResult<bool>),
 }
 
 impl Done {
@@ -182,6 +198,8 @@ impl Done {
             Done::Users(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Purge(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Opaque(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Flag(tx, r) => drop(tx.send(pick(r, commit))),
         }
     }
 }
@@ -336,7 +354,56 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp) -> Done {
             now_ms,
             reply,
         } => Done::Purge(reply, in_savepoint!(c => purge(c, policy, now_ms))),
+        WriteOp::RegisterOpaque {
+            sid_hash,
+            user,
+            now_ms,
+            expires_ms,
+            reply,
+        } => Done::Opaque(
+            reply,
+            in_savepoint!(c => register_opaque(c, sid_hash, user, now_ms, expires_ms)),
+        ),
+        WriteOp::DeleteOpaque { sid_hash, reply } => {
+            let q = sqlx::query("DELETE FROM opaque_sessions WHERE sid_hash = ?").bind(sid_hash);
+            Done::Flag(reply, in_savepoint!(c => execute_counted(c, q)))
+        }
     }
+}
+
+async fn execute_counted(conn: &mut SqliteConnection, query: SqliteQuery<'_>) -> StoreResult<bool> {
+    Ok(query.execute(conn).await?.rows_affected() > 0)
+}
+
+async fn register_opaque(
+    conn: &mut SqliteConnection,
+    sid_hash: String,
+    user: String,
+    now_ms: i64,
+    expires_ms: i64,
+) -> StoreResult<OpaqueSession> {
+    let (user, start_ms, expires_ms): (String, i64, i64) = sqlx::query_as(
+        "INSERT INTO opaque_sessions (sid_hash, mailbox, created_ms, expires_ms) VALUES (?, ?, ?, ?)
+         ON CONFLICT (sid_hash) DO UPDATE SET
+             created_ms = CASE
+                 WHEN opaque_sessions.mailbox = excluded.mailbox
+                  AND opaque_sessions.expires_ms > excluded.created_ms
+                 THEN opaque_sessions.created_ms ELSE excluded.created_ms END,
+             mailbox = excluded.mailbox,
+             expires_ms = excluded.expires_ms
+         RETURNING mailbox, created_ms, expires_ms",
+    )
+    .bind(sid_hash)
+    .bind(user)
+    .bind(now_ms)
+    .bind(expires_ms)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(OpaqueSession {
+        user,
+        start_ms,
+        expires_ms,
+    })
 }
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
@@ -558,6 +625,11 @@ async fn purge(
         .execute(&mut *conn)
         .await?
         .rows_affected();
+    report.opaque_sessions = sqlx::query("DELETE FROM opaque_sessions WHERE expires_ms < ?")
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     Ok(report)
 }
 
@@ -685,6 +757,44 @@ impl MessageStore for SqliteStore {
             reply,
         })
         .await
+    }
+
+    async fn register_opaque_session(
+        &self,
+        sid_hash: &str,
+        user: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<OpaqueSession> {
+        let (sid_hash, user) = (sid_hash.to_owned(), user.to_owned());
+        self.write(|reply| WriteOp::RegisterOpaque {
+            sid_hash,
+            user,
+            now_ms,
+            expires_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn opaque_session(&self, sid_hash: &str) -> StoreResult<Option<OpaqueSession>> {
+        let row: Option<(String, i64, i64)> = sqlx::query_as(
+            "SELECT mailbox, created_ms, expires_ms FROM opaque_sessions WHERE sid_hash = ?",
+        )
+        .bind(sid_hash)
+        .fetch_optional(&self.reads)
+        .await?;
+        Ok(row.map(|(user, start_ms, expires_ms)| OpaqueSession {
+            user,
+            start_ms,
+            expires_ms,
+        }))
+    }
+
+    async fn delete_opaque_session(&self, sid_hash: &str) -> StoreResult<bool> {
+        let sid_hash = sid_hash.to_owned();
+        self.write(|reply| WriteOp::DeleteOpaque { sid_hash, reply })
+            .await
     }
 
     async fn message_count(&self) -> StoreResult<i64> {

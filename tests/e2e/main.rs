@@ -2,5 +2,13 @@
 
 mod support;
 
+mod cli;
+mod cluster;
 mod delivery;
+mod dovecot;
+mod internal_api;
+mod lifecycle;
+mod maildir;
+mod ops;
+mod sessions;
 mod throughput;

@@ -18,6 +18,9 @@ pub struct Server {
     pub internal: SocketAddr,
     pub dir: PathBuf,
     env: Vec<(String, String)>,
+    args: Vec<String>,
+    /// A command `pns` is run through (e.g. `unshare …`), if any.
+    wrap: Vec<String>,
     pub http: reqwest::Client,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -36,20 +39,56 @@ impl Server {
 
     /// A server with extra `PNS_*` environment variables.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
-        let tmp = tempfile::tempdir().expect("tempdir");
+        Server::start_in(tempfile::tempdir().expect("tempdir"), &[], env)
+    }
+
+    /// A server with extra `pns serve` arguments and environment, with its data in `tmp`.
+    pub fn start_in(tmp: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_through(&[], tmp, args, env)
+    }
+
+    /// A server run through `wrap` (a command that ends by exec'ing its
+    /// arguments, e.g. `unshare … sh -c '…; exec "$0" "$@"'`), with extra
+    /// environment variables.
+    pub fn start_wrapped(wrap: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_through(wrap, tempfile::tempdir().expect("tempdir"), &[], env)
+    }
+
+    fn start_through(
+        wrap: &[&str],
+        tmp: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let dir = tmp.path().to_path_buf();
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut s = Server::spawn(dir, env);
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let wrap = wrap.iter().map(|w| w.to_string()).collect();
+        let mut s = Server::spawn(dir, env, args, wrap);
         s._tmp = Some(tmp);
         s
     }
 
-    fn spawn(dir: PathBuf, env: Vec<(String, String)>) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pns"));
+    fn spawn(
+        dir: PathBuf,
+        env: Vec<(String, String)>,
+        args: Vec<String>,
+        wrap: Vec<String>,
+    ) -> Server {
+        let pns = env!("CARGO_BIN_EXE_pns");
+        let mut cmd = match wrap.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(pns);
+                c
+            }
+            None => Command::new(pns),
+        };
         cmd.arg("serve")
+            .args(&args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("PNS_LOG", "info")
@@ -97,6 +136,8 @@ impl Server {
             child,
             dir,
             env,
+            args,
+            wrap,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
                 .build()
@@ -110,7 +151,12 @@ impl Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         let tmp = self._tmp.take();
-        let mut s = Server::spawn(self.dir.clone(), self.env.clone());
+        let mut s = Server::spawn(
+            self.dir.clone(),
+            self.env.clone(),
+            self.args.clone(),
+            self.wrap.clone(),
+        );
         s._tmp = tmp;
         s
     }
@@ -130,13 +176,30 @@ impl Server {
             .to_owned()
     }
 
-    pub fn internal_token(&self) -> String {
-        self.secret_file("internal_token")
+    /// A setting this server was started with.
+    fn env_value(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
-    /// A session token for `user`, minted like `pns token` does.
+    /// The configured internal token, else the generated one.
+    pub fn internal_token(&self) -> String {
+        match self.env_value("PNS_INTERNAL_TOKEN") {
+            Some(list) => list.split(',').next().unwrap().trim().to_owned(),
+            None => self.secret_file("internal_token"),
+        }
+    }
+
+    /// A session token for `user`, minted like `pns token` does (with the
+    /// configured secret, else the generated one).
     pub fn sid(&self, user: &str) -> String {
-        pns::session::mint(self.secret_file("jwt_secret").as_bytes(), user, 3600, None).unwrap()
+        let secret = match self.env_value("PNS_JWT_SECRET") {
+            Some(s) => s.to_owned(),
+            None => self.secret_file("jwt_secret"),
+        };
+        pns::session::mint(secret.as_bytes(), user, 3600, None).unwrap()
     }
 
     pub fn public_url(&self, path: &str) -> String {
@@ -179,6 +242,34 @@ impl Server {
             .await
             .unwrap();
         answer(r).await
+    }
+
+    /// Poll from `cursor` ("" for a first poll) until `want` messages have
+    /// come or `within` has passed; the messages and the last cursor.
+    pub async fn collect(
+        &self,
+        sid: &str,
+        cursor: &str,
+        want: usize,
+        within: Duration,
+    ) -> (Vec<Value>, String) {
+        let deadline = Instant::now() + within;
+        let mut cursor = cursor.to_owned();
+        let mut got = Vec::new();
+        while got.len() < want && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+            let timeout = left.clamp(1, 10);
+            let query = if cursor.is_empty() {
+                format!("timeout={timeout}")
+            } else {
+                format!("cursor={cursor}&timeout={timeout}")
+            };
+            let a = self.poll(sid, &query).await;
+            assert_eq!(a.status, StatusCode::OK, "poll failed: {}", a.body);
+            got.extend(a.body["msg"].as_array().cloned().unwrap_or_default());
+            cursor = a.cursor();
+        }
+        (got, cursor)
     }
 
     /// A new-mail message for `user` with `subject`.
@@ -236,4 +327,25 @@ impl Answer {
 
 pub fn dir_exists(p: &Path) -> bool {
     p.is_dir()
+}
+
+/// Run `pns ARGS` to completion with the data of `dir`; returns (exit code, stdout, stderr).
+pub fn pns(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pns"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "PNS_DATABASE_URL",
+            format!("sqlite://{}/pns.db", dir.display()),
+        );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run pns");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -16,6 +16,7 @@ function browser({ locks = true } = {}) {
   const tab = (extra = {}) => {
     const n = ++seq;
     const win = new EventTarget();
+    win.document = new EventTarget(); // 'freeze' and 'resume' fire on document
     const client = new PnsClient({
       url: 'http://pns.test',
       sid: 'SID-A',
@@ -129,6 +130,30 @@ test('Web Locks: stop() hands over too; a back/forward-cache return rejoins as f
   B.client.stop();
   await flush();
   assert.equal(A.client.role, 'leader');
+  assert.equal(b.net.open().length, 1);
+});
+
+test('a frozen leader steps down; on resume it follows', async () => {
+  const b = browser();
+  const A = b.tab();
+  const B = b.tab();
+  A.client.start();
+  await flush();
+  B.client.start();
+  await flush();
+  A.win.document.dispatchEvent(new Event('freeze'));
+  await flush();
+  assert.equal(B.client.role, 'leader');
+  assert.equal(b.net.open().length, 1);
+  A.win.document.dispatchEvent(new Event('resume'));
+  await flush();
+  assert.equal(A.client.role, 'follower');
+  assert.equal(b.net.open().length, 1);
+  A.client.stop();
+  await flush();
+  A.win.dispatchEvent(pageshow(true));
+  await flush();
+  assert.equal(A.client.state, 'stopped', 'events after stop() are ignored');
   assert.equal(b.net.open().length, 1);
 });
 

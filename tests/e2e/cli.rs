@@ -1,0 +1,196 @@
+//! The command line and configuration, as an operator uses them.
+
+use crate::support::*;
+use reqwest::StatusCode;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn first_start_generates_private_secrets_that_differ_per_install() {
+    let a = Server::start();
+    let b = Server::start();
+    for name in ["jwt_secret", "internal_token"] {
+        let mode = std::fs::metadata(a.dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+        assert!(a.secret_file(name).len() >= 32);
+        assert_ne!(
+            a.secret_file(name),
+            b.secret_file(name),
+            "{name} is the same on two installs"
+        );
+    }
+    // Kept across restarts: a session minted before still works after.
+    let sid = a.sid("alice@example.com");
+    let a = a.kill9_and_restart();
+    assert_eq!(a.poll(&sid, "timeout=0").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn token_notify_and_migrate_commands_work_against_a_running_node() {
+    let s = Server::start();
+    let internal = s.internal.to_string();
+    let env = [("PNS_INTERNAL_LISTEN", internal.as_str())];
+    let (code, sid, err) = pns(
+        &s.dir,
+        &["token", "--user", "alice@example.com", "--ttl", "10m"],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    let sid = sid.trim().to_owned();
+    let first = s.poll(&sid, "timeout=0").await;
+    assert_eq!(first.status, StatusCode::OK);
+    let (code, out, err) = pns(
+        &s.dir,
+        &[
+            "notify",
+            "--user",
+            "alice@example.com",
+            "--subject",
+            "From the CLI",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"accepted\":1"), "{out}");
+    assert_eq!(s.poll(&sid, "timeout=5").await.subjects(), ["From the CLI"]);
+
+    let fresh = tempfile::tempdir().unwrap();
+    let (code, out, err) = pns(fresh.path(), &["migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("up to date"));
+    assert!(fresh.path().join("pns.db").exists());
+
+    let (code, _, err) = pns(&s.dir, &["token", "--user", "a@x", "--ttl", "soon"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("soon"), "{err}");
+}
+
+#[tokio::test]
+async fn notify_says_clearly_when_no_node_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = pns(
+        dir.path(),
+        &["notify", "--user", "a@x", "--subject", "s"],
+        &[("PNS_INTERNAL_LISTEN", "127.0.0.1:1")],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("is `pns serve` running"), "{err}");
+}
+
+/// How long a poll without `timeout` is held: the configured hold.
+async fn hold_of(s: &Server) -> Duration {
+    let sid = s.sid("alice@example.com");
+    let t = Instant::now();
+    assert_eq!(s.poll(&sid, "").await.c(), 0);
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn flags_win_over_environment_which_wins_over_the_config_file() {
+    let with_file = |hold: u64| {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("pns.toml");
+        std::fs::write(
+            &file,
+            format!("hold_secs = {hold}\nretention_max_messages = 100\n"),
+        )
+        .unwrap();
+        (tmp, file)
+    };
+    // The file alone.
+    let (tmp, file) = with_file(1);
+    let s = Server::start_in(tmp, &["--config", file.to_str().unwrap()], &[]);
+    let h = hold_of(&s).await;
+    assert!(
+        h >= Duration::from_millis(900) && h < Duration::from_millis(1900),
+        "file: held {h:?}"
+    );
+    // The environment over the file.
+    let (tmp, file) = with_file(1);
+    let s = Server::start_in(
+        tmp,
+        &["--config", file.to_str().unwrap()],
+        &[("PNS_HOLD_SECS", "3")],
+    );
+    let h = hold_of(&s).await;
+    assert!(h >= Duration::from_millis(2900), "env: held {h:?}");
+    // A flag over both.
+    let (tmp, file) = with_file(3);
+    let s = Server::start_in(
+        tmp,
+        &["--config", file.to_str().unwrap(), "--hold-secs", "1"],
+        &[("PNS_HOLD_SECS", "3")],
+    );
+    let h = hold_of(&s).await;
+    assert!(h < Duration::from_millis(1900), "flag: held {h:?}");
+}
+
+#[tokio::test]
+async fn bad_configuration_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pns.toml");
+    std::fs::write(&file, "hold_sec = 5\n").unwrap();
+    let (code, _, err) = pns(
+        dir.path(),
+        &["--config", file.to_str().unwrap(), "migrate"],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("hold_sec"), "{err}");
+    let (code, _, err) = pns(dir.path(), &["serve"], &[("PNS_HOLD_SECS", "500")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("PNS_HOLD_SECS"), "{err}");
+    let (code, _, err) = pns(dir.path(), &["serve"], &[("PNS_JWT_SECRET", "short")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("PNS_JWT_SECRET"), "{err}");
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_messages_per_user() {
+    let s = Server::start_with(&[
+        ("PNS_RETENTION_MAX_MESSAGES", "3"),
+        ("PNS_RETENTION_INTERVAL_SECS", "1"),
+    ]);
+    let sid = s.sid("alice@example.com");
+    let bob = s.sid("bob@example.com");
+    for i in 1..=5 {
+        s.mail("alice@example.com", &format!("m{i}")).await;
+    }
+    s.mail("bob@example.com", "bob's").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = s.poll(&sid, "timeout=0&cursor=1.0").await.subjects();
+        if got == ["m3", "m4", "m5"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still kept: {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        s.poll(&bob, "timeout=0&cursor=1.0").await.subjects(),
+        ["bob's"]
+    );
+}
+
+#[tokio::test]
+async fn retention_drops_messages_past_the_maximum_age() {
+    let s = Server::start_with(&[
+        ("PNS_RETENTION_MAX_AGE_SECS", "1"),
+        ("PNS_RETENTION_INTERVAL_SECS", "1"),
+    ]);
+    let sid = s.sid("alice@example.com");
+    s.mail("alice@example.com", "old").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.poll(&sid, "timeout=0&cursor=1.0").await.c() != 0 {
+        assert!(Instant::now() < deadline, "the old message was not purged");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        s.internal_get("/internal/v1/stats").await.body["messagesStored"],
+        0
+    );
+}
