@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A quick load run for CI: 200 held polls and a few hundred messages against
-# PNS and, when nginx with the Nchan module is installed, Nchan too. Fails
-# (non-zero exit) if a poll is not held, a notify fails, or any message is
-# lost or arrives twice. Speed figures are printed, never asserted.
+# PNS and, when nginx with the Nchan module is installed, Nchan too. Exits
+# non-zero if PNS fails: a poll not held, a notify refused, a message lost
+# or received twice. Nchan's figures are printed beside PNS's but do not
+# decide the exit status (Nchan itself loses a message now and then, see
+# docs/BENCHMARKS.md). Speed figures are printed, never asserted.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 profile="${PNS_LOAD_PROFILE:-debug}"
@@ -13,9 +15,9 @@ else
 fi
 exec timeout 120 "target/$profile/pns-load" bench \
     --pns-bin "target/$profile/pns" \
-    --skip-missing-nchan \
+    --skip-missing-nchan --must-pass pns \
     --users 200 --workers 2 --senders 16 \
     --rate 200 --rate-secs 2 \
     --batch 100 --batch-total 1000 \
-    --idle-secs 1 --phase-limit-secs 30 \
+    --idle-secs 1 --settle-secs 1 --phase-limit-secs 30 \
     --out target/load/smoke.json "$@"
