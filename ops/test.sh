@@ -13,6 +13,8 @@ need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
 # Real peers the checks use: nginx (-t on the shipped configs), promtool.
 have nginx || need_apt+=(nginx)
+# Nchan, the peer the load tool compares PNS with.
+[ -e /usr/share/nginx/modules-available/mod-http-nchan.conf ] || [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || need_apt+=(libnginx-mod-nchan)
 have promtool || need_apt+=(prometheus)
 # A real Dovecot delivering over LMTP with its push_notification driver.
 have dovecot || need_apt+=(dovecot-core dovecot-lmtpd)
@@ -35,15 +37,18 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 
 say "cargo clippy"
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 
 say "cargo test"
 # The real-Dovecot tests may skip only where Dovecot cannot be installed.
 if have dovecot; then export PNS_REQUIRE_DOVECOT=1; fi
-cargo test --all-targets
+cargo test --workspace --all-targets
 
 say "browser client: unit tests and end-to-end tests in headless Chromium"
 web/run-tests.sh
+
+say "load tool smoke run (PNS, and Nchan when installed)"
+ops/load/smoke.sh
 
 say "deployment files (ops/check.sh; tools that are missing are skipped)"
 ops/check.sh
