@@ -11,9 +11,12 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=0 \
     CARGO_PROFILE_RELEASE_STRIP=symbols
 
 # Dependencies first, in a layer of their own that survives source edits.
+# The load tool is a workspace member: its manifest must be there too.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src tests/e2e \
+COPY ops/load/Cargo.toml ops/load/Cargo.toml
+RUN mkdir -p src tests/e2e ops/load/src \
  && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > ops/load/src/main.rs \
  && touch src/lib.rs tests/e2e/main.rs \
  && cargo build --release --locked --bin pns \
  && rm -rf src tests

@@ -6,8 +6,10 @@
 #   - Grafana dashboard: valid JSON
 #   - every pns_* metric named in the rules and dashboard is one a running
 #     pns really exports (needs a built pns: PNS_BIN or target/*/pns)
-# A missing tool is reported and skipped, not failed. The Dockerfile is not
-# built here: that needs a Docker engine.
+#   - Dockerfile: its build stage carried out without a Docker engine
+#     (ops/dockerfile-check.py), then the binary it made is run
+# A missing tool is reported and skipped, not failed. The base images are not
+# pulled: that needs a Docker engine and a registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ops=ops
@@ -119,6 +121,17 @@ if [[ -n "$bin" ]]; then
     fi
 else
     skip "no pns binary (cargo build, or set PNS_BIN) to check metric names against"
+fi
+
+if command -v python3 >/dev/null && command -v cargo >/dev/null; then
+    if ops/dockerfile-check.py >"$tmp/docker.log" 2>&1; then
+        ok "Dockerfile build stage ($(tail -n1 "$tmp/docker.log" | sed 's/^dockerfile-check: ok, //'))"
+    else
+        tail -n 30 "$tmp/docker.log"
+        fail "Dockerfile build stage"
+    fi
+else
+    skip "python3 or cargo missing: Dockerfile build stage not checked"
 fi
 
 exit $failed
