@@ -117,12 +117,12 @@ async fn deliver(
     more: bool,
 ) -> Result<PollAnswer, ApiError> {
     let last = found.last().map(|m| m.seq).unwrap_or_default();
+    let now = crate::clock::now_ms();
     if keep_position {
         app.store
-            .save_position(&session.key, &session.user, last, crate::clock::now_ms())
+            .save_position(&session.key, &session.user, last, now)
             .await?;
     }
-    let now = crate::clock::now_ms();
     let mut msg = Vec::with_capacity(found.len());
     for m in found {
         app.metrics.observe_delivery(now - m.visible_ms);
