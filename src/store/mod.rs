@@ -13,6 +13,7 @@
 //!   application never asks which store it runs on.
 
 mod metered;
+mod positions;
 mod postgres;
 mod recent;
 mod sqlite;

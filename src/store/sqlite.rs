@@ -11,6 +11,7 @@
 //! After each commit the writer hands the new rows to [`Recent`], which
 //! answers most polls' reads from memory.
 
+use super::positions::{Known, Positions};
 use super::recent::Recent;
 use super::{
     new_message_id, Accepted, MessageStore, NewMessage, OpaqueSession, PurgeReport,
@@ -35,12 +36,41 @@ const WRITES_PER_COMMIT: usize = 512;
 pub struct SqliteStore {
     reads: SqlitePool,
     writes: mpsc::Sender<WriteOp>,
-    recent: Arc<Recent>,
+    memory: Arc<InMemory>,
 }
 
-/// Rows a round made visible, with their mailboxes: for [`Recent`] once the
-/// round has committed.
-type Fresh = Vec<(String, StoredMessage)>;
+/// What the readers can learn without a read of the file; only the writer
+/// updates it, after each commit.
+struct InMemory {
+    recent: Recent,
+    positions: Positions,
+}
+
+/// Rows made visible, with their mailboxes.
+type Rows = Vec<(String, StoredMessage)>;
+
+/// What a round changed that [`InMemory`] learns once the round has committed.
+#[derive(Default)]
+struct Fresh {
+    rows: Rows,
+    /// (session, seq) of the positions saved.
+    positions: Vec<(String, i64)>,
+}
+
+impl InMemory {
+    fn learn(&self, fresh: Fresh) {
+        self.recent.record(fresh.rows);
+        for (session, seq) in fresh.positions {
+            self.positions.saved(&session, seq);
+        }
+    }
+
+    /// After a purge: any row may have been deleted.
+    fn forget_all(&self) {
+        self.recent.forget_all();
+        self.positions.forget_all();
+    }
+}
 
 type AcceptReply = oneshot::Sender<StoreResult<Vec<Accepted>>>;
 
@@ -130,14 +160,64 @@ impl SqliteStore {
         )
         .fetch_one(&mut writer)
         .await?;
-        let recent = Arc::new(Recent::new(top_seq, top_visible_ms));
+        let with_position: Vec<String> =
+            sqlx::query_scalar("SELECT session FROM session_positions")
+                .fetch_all(&mut writer)
+                .await?;
+        let memory = Arc::new(InMemory {
+            recent: Recent::new(top_seq, top_visible_ms),
+            positions: Positions::new(with_position.iter().map(String::as_str)),
+        });
+        drop(with_position);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(run_writer(writer, rx, recent.clone()));
+        // On a thread and runtime of its own, so that a commit's turn never
+        // waits behind thousands of poll tasks on the main runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        let writer_memory = memory.clone();
+        std::thread::Builder::new()
+            .name("pns-sqlite-writer".into())
+            .spawn(move || runtime.block_on(run_writer(writer, rx, writer_memory)))
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         Ok(SqliteStore {
             reads,
             writes: tx,
-            recent,
+            memory,
         })
+    }
+
+    /// [`MessageStore::fetch`] from the database file, whatever is in memory.
+    async fn fetch_from_file(
+        &self,
+        user: &str,
+        after_seq: i64,
+        since_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let rows = sqlx::query(
+            "SELECT seq, id, type, accepted_ms, visible_ms, data FROM messages
+             WHERE mailbox = ? AND seq > ? AND visible_ms >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(user)
+        .bind(after_seq)
+        .bind(since_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredMessage {
+                    seq: r.try_get(0)?,
+                    id: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    accepted_ms: r.try_get(3)?,
+                    visible_ms: r.try_get(4)?,
+                    data: r.try_get(5)?,
+                })
+            })
+            .collect()
     }
 
     async fn write<T>(
@@ -157,7 +237,7 @@ impl SqliteStore {
 async fn run_writer(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<WriteOp>,
-    recent: Arc<Recent>,
+    memory: Arc<InMemory>,
 ) {
     let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
     while rx.recv_many(&mut ops, WRITES_PER_COMMIT).await > 0 {
@@ -169,19 +249,18 @@ async fn run_writer(
             let rest = ops.split_off(pos + 1);
             let purge = ops.pop();
             if !ops.is_empty() {
-                commit_round(&mut conn, std::mem::take(&mut ops), &recent).await;
+                commit_round(&mut conn, std::mem::take(&mut ops), &memory).await;
             }
             if let Some(purge) = purge {
-                commit_round(&mut conn, vec![purge], &recent).await;
-                // The purge may have deleted any recent row.
-                recent.forget_all();
+                commit_round(&mut conn, vec![purge], &memory).await;
+                memory.forget_all();
             }
             ops = rest;
             if ops.is_empty() {
                 continue;
             }
         }
-        commit_round(&mut conn, std::mem::take(&mut ops), &recent).await;
+        commit_round(&mut conn, std::mem::take(&mut ops), &memory).await;
     }
 }
 
@@ -229,12 +308,12 @@ impl Done {
     }
 }
 
-/// One transaction for `ops`; then, in this order, the rows it made visible
-/// go to `recent` and the callers get their answers, so a poll woken by an
-/// answer finds the rows there.
-async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, recent: &Recent) {
+/// One transaction for `ops`; then, in this order, `memory` learns what it
+/// changed and the callers get their answers, so a poll woken by an answer
+/// finds the rows there.
+async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, memory: &InMemory) {
     let mut done = Vec::with_capacity(ops.len());
-    let mut fresh = Fresh::new();
+    let mut fresh = Fresh::default();
     if only_plain_accepts(&ops) {
         // One statement commits by itself (and is on disk when it returns,
         // with synchronous=FULL): no BEGIN and COMMIT round trips.
@@ -246,8 +325,8 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, recent: &R
             } => Some((batch, now_ms, reply)),
             _ => None,
         });
-        insert_plain_group(conn, group.collect(), &mut done, &mut fresh).await;
-        recent.record(fresh);
+        insert_plain_group(conn, group.collect(), &mut done, &mut fresh.rows).await;
+        memory.learn(fresh);
         for d in done {
             d.send(&Ok(()));
         }
@@ -293,13 +372,13 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, recent: &R
                         group.push((batch, now_ms, reply));
                     }
                 }
-                insert_plain_group(&mut tx, group, &mut done, &mut fresh).await;
+                insert_plain_group(&mut tx, group, &mut done, &mut fresh.rows).await;
             }
             tx.commit().await.map_err(|e| e.to_string())
         }
     };
     match &commit {
-        Ok(()) => recent.record(fresh),
+        Ok(()) => memory.learn(fresh),
         Err(e) => tracing::error!(error = %e, "sqlite commit failed"),
     }
     for d in done {
@@ -307,12 +386,12 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, recent: &R
     }
 }
 
-/// Apply `op` in a savepoint of its own; the rows it made visible join
-/// `fresh` only when it succeeded.
+/// Apply `op` in a savepoint of its own; what it changed joins `fresh` only
+/// when it succeeded.
 async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp, fresh: &mut Fresh) -> Done {
-    fn keep<T>(r: StoreResult<(T, Fresh)>, fresh: &mut Fresh) -> StoreResult<T> {
+    fn keep<T>(r: StoreResult<(T, Rows)>, fresh: &mut Fresh) -> StoreResult<T> {
         r.map(|(v, rows)| {
-            fresh.extend(rows);
+            fresh.rows.extend(rows);
             v
         })
     }
@@ -359,12 +438,16 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp, fresh: &mu
                 "INSERT INTO session_positions (session, mailbox, seq, updated_ms) VALUES (?, ?, ?, ?)
                  ON CONFLICT (session) DO UPDATE SET seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms",
             )
-            .bind(session)
+            .bind(session.clone())
             .bind(user)
             .bind(seq)
             .bind(now_ms);
             // One statement: atomic on its own, no savepoint needed.
-            Done::Unit(reply, execute(conn, q).await)
+            let result = execute(conn, q).await;
+            if result.is_ok() {
+                fresh.positions.push((session, seq));
+            }
+            Done::Unit(reply, result)
         }
         WriteOp::RevokeSession {
             jti,
@@ -492,7 +575,7 @@ async fn insert_plain_group(
     conn: &mut SqliteConnection,
     group: Vec<(Vec<NewMessage>, i64, AcceptReply)>,
     done: &mut Vec<Done>,
-    fresh: &mut Fresh,
+    fresh: &mut Rows,
 ) {
     let count: usize = group.iter().map(|(b, _, _)| b.len()).sum();
     let mut sql = String::with_capacity(100 + count * 14);
@@ -504,8 +587,7 @@ async fn insert_plain_group(
             ",(?,?,?,?,?,?)"
         });
     }
-    sql.push_str(" RETURNING seq, id");
-    let mut rows: Fresh = Vec::with_capacity(count);
+    let mut rows: Rows = Vec::with_capacity(count);
     let mut outcomes = Vec::with_capacity(group.len());
     for (batch, now_ms, reply) in group {
         let mut ids = Vec::with_capacity(batch.len());
@@ -527,7 +609,7 @@ async fn insert_plain_group(
         }
         outcomes.push((reply, ids));
     }
-    let mut q = sqlx::query_as::<_, (i64, String)>(&sql);
+    let mut q = sqlx::query(&sql);
     for (mailbox, m) in &rows {
         q = q
             .bind(&m.id)
@@ -537,14 +619,15 @@ async fn insert_plain_group(
             .bind(m.accepted_ms)
             .bind(m.visible_ms);
     }
-    match q.fetch_all(&mut *conn).await {
-        Ok(seqs) => {
-            let seqs: std::collections::HashMap<String, i64> =
-                seqs.into_iter().map(|(seq, id)| (id, seq)).collect();
-            for (_, m) in &mut rows {
-                m.seq = seqs.get(&m.id).copied().unwrap_or_default();
+    match q.execute(&mut *conn).await {
+        Ok(result) => {
+            // The rows of one INSERT take consecutive seqs in VALUES order:
+            // AUTOINCREMENT gives each row one more than the largest seq
+            // ever used, and this connection is the only writer.
+            let first = result.last_insert_rowid() - rows.len() as i64 + 1;
+            for (seq, (_, m)) in (first..).zip(rows.iter_mut()) {
+                m.seq = seq;
             }
-            // A row left at seq 0 makes `Recent` stop answering.
             fresh.extend(rows);
             done.extend(
                 outcomes
@@ -573,9 +656,9 @@ async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: Vec<NewMessage>,
     now_ms: i64,
-) -> StoreResult<(Vec<Accepted>, Fresh)> {
+) -> StoreResult<(Vec<Accepted>, Rows)> {
     let mut out = Vec::with_capacity(batch.len());
-    let mut fresh = Fresh::new();
+    let mut fresh = Rows::new();
     for m in batch {
         let id = new_message_id();
         if let Some(key) = &m.dedup_key {
@@ -648,10 +731,7 @@ async fn insert_batch(
     Ok((out, fresh))
 }
 
-async fn release_due(
-    conn: &mut SqliteConnection,
-    now_ms: i64,
-) -> StoreResult<(Vec<String>, Fresh)> {
+async fn release_due(conn: &mut SqliteConnection, now_ms: i64) -> StoreResult<(Vec<String>, Rows)> {
     let released: Vec<(i64, String, String, i64, String, i64)> = sqlx::query_as(
         "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms)
          SELECT id, mailbox, type, data, accepted_ms, ? FROM delayed_messages
@@ -752,31 +832,10 @@ impl MessageStore for SqliteStore {
         since_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
-        if let Some(found) = self.recent.fetch(user, after_seq, since_ms, limit) {
-            return Ok(found);
+        match self.memory.recent.fetch(user, after_seq, since_ms, limit) {
+            Some(found) => Ok(found),
+            None => self.fetch_from_file(user, after_seq, since_ms, limit).await,
         }
-        let rows = sqlx::query(
-            "SELECT seq, id, type, accepted_ms, visible_ms, data FROM messages
-             WHERE mailbox = ? AND seq > ? AND visible_ms >= ? ORDER BY seq LIMIT ?",
-        )
-        .bind(user)
-        .bind(after_seq)
-        .bind(since_ms)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reads)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredMessage {
-                    seq: r.try_get(0)?,
-                    id: r.try_get(1)?,
-                    kind: r.try_get(2)?,
-                    accepted_ms: r.try_get(3)?,
-                    visible_ms: r.try_get(4)?,
-                    data: r.try_get(5)?,
-                })
-            })
-            .collect()
     }
 
     async fn release_due(&self, now_ms: i64) -> StoreResult<Vec<String>> {
@@ -793,12 +852,16 @@ impl MessageStore for SqliteStore {
     }
 
     async fn position(&self, session: &str) -> StoreResult<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT seq FROM session_positions WHERE session = ?")
-                .bind(session)
-                .fetch_optional(&self.reads)
-                .await?,
-        )
+        match self.memory.positions.get(session) {
+            Known::Saved(seq) => Ok(Some(seq)),
+            Known::None => Ok(None),
+            Known::AskTheFile => Ok(sqlx::query_scalar(
+                "SELECT seq FROM session_positions WHERE session = ?",
+            )
+            .bind(session)
+            .fetch_optional(&self.reads)
+            .await?),
+        }
     }
 
     async fn save_position(
@@ -915,5 +978,122 @@ impl MessageStore for SqliteStore {
             .await
             .map(|_| ())
             .map_err(StoreError::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(user: &str, n: usize) -> NewMessage {
+        NewMessage {
+            user: user.into(),
+            kind: 70,
+            data: format!("{{\"n\":{n}}}"),
+            dedup_key: None,
+            delay_ms: 0,
+        }
+    }
+
+    fn summary(found: Vec<StoredMessage>) -> Vec<(i64, String, i64, i64, i64, String)> {
+        found
+            .into_iter()
+            .map(|m| (m.seq, m.id, m.kind, m.accepted_ms, m.visible_ms, m.data))
+            .collect()
+    }
+
+    /// Every way a row becomes visible (concurrent plain notifies sharing an
+    /// INSERT, batches, dedup keys, delayed messages coming due), and what
+    /// memory answers is what the file holds.
+    #[tokio::test]
+    async fn reads_from_memory_match_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        let store = Arc::new(SqliteStore::open(&url).await.unwrap());
+        let users = ["a", "b", "c"];
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let store = store.clone();
+            let batch = (0..1 + i % 4)
+                .map(|k| plain(users[(i + k) % 3], i * 10 + k))
+                .collect();
+            tasks.push(tokio::spawn(
+                async move { store.accept(batch, 1_000).await },
+            ));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let mut keyed = plain("a", 1000);
+        keyed.dedup_key = Some("k".into());
+        let mut delayed = plain("b", 1001);
+        delayed.delay_ms = 5;
+        store
+            .accept(vec![keyed.clone(), delayed, keyed, plain("c", 1002)], 2_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.release_due(2_010).await.unwrap(),
+            vec!["b".to_owned()]
+        );
+        store.accept(vec![plain("a", 1003)], 3_000).await.unwrap();
+        for user in users {
+            for (after, since) in [(0, 0), (5, 0), (40, 0), (0, 2_000), (0, 2_010)] {
+                let memory = store.memory.recent.fetch(user, after, since, 1000);
+                let file = store
+                    .fetch_from_file(user, after, since, 1000)
+                    .await
+                    .unwrap();
+                assert!(!file.is_empty() || after > 0 || since > 0, "{user}");
+                assert_eq!(
+                    memory.map(summary),
+                    Some(summary(file)),
+                    "{user} after {after} since {since}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_older_rows_are_read_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        {
+            let store = SqliteStore::open(&url).await.unwrap();
+            store.accept(vec![plain("a", 1)], 1_000).await.unwrap();
+        }
+        let store = SqliteStore::open(&url).await.unwrap();
+        assert_eq!(store.fetch("a", 0, 0, 10).await.unwrap().len(), 1);
+        assert!(store.memory.recent.fetch("a", 0, 0, 10).is_none());
+        // A session that began after the last row: nothing, from memory.
+        assert_eq!(
+            store
+                .memory
+                .recent
+                .fetch("a", 0, 1_001, 10)
+                .map(|f| f.len()),
+            Some(0)
+        );
+    }
+
+    #[tokio::test]
+    async fn positions_are_known_in_memory_and_read_from_the_file_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        {
+            let store = SqliteStore::open(&url).await.unwrap();
+            store.save_position("s1", "a", 5, 1_000).await.unwrap();
+            store.save_position("s1", "a", 3, 1_001).await.unwrap();
+            assert_eq!(store.memory.positions.get("s1"), Known::Saved(5));
+            assert_eq!(store.position("s1").await.unwrap(), Some(5));
+            assert_eq!(store.memory.positions.get("s2"), Known::None);
+        }
+        let store = SqliteStore::open(&url).await.unwrap();
+        assert_eq!(store.memory.positions.get("s1"), Known::AskTheFile);
+        assert_eq!(store.position("s1").await.unwrap(), Some(5));
+        assert_eq!(store.memory.positions.get("s2"), Known::None);
+        assert_eq!(store.position("s2").await.unwrap(), None);
+        store.save_position("s1", "a", 7, 2_000).await.unwrap();
+        assert_eq!(store.position("s1").await.unwrap(), Some(7));
     }
 }

@@ -1,0 +1,185 @@
+//! The session positions of the SQLite store that can be known without a
+//! read of the database file: the ones saved since the store opened, and,
+//! through a Bloom filter of the sessions that had one before, the fact that
+//! a session has none.
+//!
+//! A cursor-less poll asks for its session's position before anything else;
+//! almost always the session is new and has none. SQLite's one writer is in
+//! this process, so every position saved since the store opened passed
+//! through here; the ones saved earlier are summed up by a filter built at
+//! open that may answer "maybe" but never "no" wrongly. Only a "maybe"
+//! costs a read.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+
+/// Positions kept in the map at most; past it, their sessions go into the
+/// filter and the map starts again.
+pub const MAX_KEPT: usize = 200_000;
+/// The filter's size: 8 Mi bits (1 MiB), about 2 % false "maybe" with a
+/// million sessions in it.
+const FILTER_BITS: usize = 1 << 23;
+const FILTER_HASHES: u64 = 4;
+
+pub struct Positions {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// Sessions that may have a row the map does not hold.
+    older: BloomFilter,
+    /// Positions saved since open (or since the map last started again).
+    kept: HashMap<String, i64>,
+}
+
+/// What memory knows of a session's position.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Known {
+    Saved(i64),
+    None,
+    /// Only the database can tell.
+    AskTheFile,
+}
+
+impl Positions {
+    /// Start with the sessions that have a position in the file.
+    pub fn new<'a>(in_file: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut older = BloomFilter::new();
+        for session in in_file {
+            older.insert(session);
+        }
+        Positions {
+            inner: Mutex::new(Inner {
+                older,
+                kept: HashMap::new(),
+            }),
+        }
+    }
+
+    pub fn get(&self, session: &str) -> Known {
+        let inner = self.lock();
+        // A saved position is never lower than the one in the file: the
+        // file's was read before anything newer could be saved, and saving
+        // keeps the larger.
+        match inner.kept.get(session) {
+            Some(seq) => Known::Saved(*seq),
+            None if inner.older.may_contain(session) => Known::AskTheFile,
+            None => Known::None,
+        }
+    }
+
+    /// A position the writer has committed (the file keeps the larger).
+    pub fn saved(&self, session: &str, seq: i64) {
+        let mut inner = self.lock();
+        if inner.kept.len() >= MAX_KEPT && !inner.kept.contains_key(session) {
+            inner.forget_all();
+        }
+        let kept = inner.kept.entry(session.to_owned()).or_insert(seq);
+        *kept = (*kept).max(seq);
+    }
+
+    /// Rows may have been deleted: ask the file about every known session.
+    pub fn forget_all(&self) {
+        self.lock().forget_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Each method leaves the data whole between statements that can panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn forget_all(&mut self) {
+        for session in self.kept.keys() {
+            self.older.insert(session);
+        }
+        self.kept.clear();
+    }
+}
+
+/// A Bloom filter over strings: `may_contain` is true for everything
+/// inserted, and for a few others.
+struct BloomFilter {
+    bits: Vec<u64>,
+    hasher: RandomState,
+}
+
+impl BloomFilter {
+    fn new() -> Self {
+        BloomFilter {
+            bits: vec![0; FILTER_BITS / 64],
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// The filter's bit positions for `key` (double hashing).
+    fn positions(&self, key: &str) -> impl Iterator<Item = usize> {
+        let h = self.hasher.hash_one(key);
+        let (a, b) = (h, h.rotate_left(32) | 1);
+        (0..FILTER_HASHES).map(move |i| (a.wrapping_add(i.wrapping_mul(b)) as usize) % FILTER_BITS)
+    }
+
+    fn insert(&mut self, key: &str) {
+        for bit in self.positions(key).collect::<Vec<_>>() {
+            self.bits[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+
+    fn may_contain(&self, key: &str) -> bool {
+        self.positions(key)
+            .all(|bit| self.bits[bit / 64] & (1 << (bit % 64)) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_with_a_row_in_the_file_are_asked_about_and_new_ones_are_not() {
+        let positions = Positions::new(["old-1", "old-2"]);
+        assert_eq!(positions.get("old-1"), Known::AskTheFile);
+        assert_eq!(positions.get("old-2"), Known::AskTheFile);
+        let unknown = (0..1000)
+            .filter(|i| positions.get(&format!("new-{i}")) == Known::AskTheFile)
+            .count();
+        assert!(unknown < 5, "{unknown} of 1000 new sessions were a maybe");
+        assert!((0..1000).any(|i| positions.get(&format!("new-{i}")) == Known::None));
+    }
+
+    #[test]
+    fn saved_positions_are_answered_and_only_grow() {
+        let positions = Positions::new([]);
+        positions.saved("s", 5);
+        positions.saved("s", 3);
+        assert_eq!(positions.get("s"), Known::Saved(5));
+        positions.saved("s", 9);
+        assert_eq!(positions.get("s"), Known::Saved(9));
+    }
+
+    #[test]
+    fn forgotten_positions_are_asked_of_the_file() {
+        let positions = Positions::new([]);
+        positions.saved("s", 5);
+        positions.forget_all();
+        assert_eq!(positions.get("s"), Known::AskTheFile);
+    }
+
+    #[test]
+    fn a_full_map_starts_again_without_losing_a_position() {
+        let positions = Positions::new([]);
+        for i in 0..MAX_KEPT {
+            positions.saved(&format!("s{i}"), 1);
+        }
+        positions.saved("one-more", 2);
+        assert_eq!(positions.get("one-more"), Known::Saved(2));
+        assert_eq!(positions.get("s0"), Known::AskTheFile);
+        assert_eq!(
+            positions.get(&format!("s{}", MAX_KEPT - 1)),
+            Known::AskTheFile
+        );
+    }
+}
