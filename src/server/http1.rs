@@ -26,6 +26,7 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -51,100 +52,129 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
     // Bytes received after the last request's head (pipelining); most often
     // empty, and then unallocated.
     let mut pending = Vec::new();
-    loop {
-        let head = read_head(&mut stream, pending, max_head, listener).await;
-        let (req, keep_alive, rest) = match head {
-            Head::Request {
-                req,
-                keep_alive,
-                rest,
-            } => (req, keep_alive, rest),
-            Head::Closed => return,
-            Head::TimedOut => {
-                let _ = write_and_close(&mut stream, StatusCode::REQUEST_TIMEOUT).await;
-                return;
-            }
-            Head::TooLarge => {
-                let _ =
-                    write_and_close(&mut stream, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
-                return;
-            }
-            Head::Misfit(read) => {
-                // Boxed: hyper's connection is large, and a held poll
-                // should not carry its room in this future.
-                Box::pin(listener.hyper(Replay::new(read, stream), peer)).await;
-                return;
-            }
-        };
-        pending = rest;
-        let method = req.method().clone();
-        let version = req.version();
-        let mut req = req;
-        req.extensions_mut().insert(ConnectInfo(peer));
-        let call = listener.router.clone().oneshot(req);
-        let mut call = std::pin::pin!(call);
+    let end = loop {
+        // The futures of this loop are boxed while they run, so that what
+        // a held poll's task keeps is little more than the socket and the
+        // router's future; and the request is moved out of the way at once.
+        let (mut call, head_only, version, keep_alive) =
+            match Box::pin(read_head(&mut stream, pending, max_head, listener)).await {
+                Head::Request {
+                    req,
+                    keep_alive,
+                    rest,
+                } => {
+                    pending = rest;
+                    let head_only = req.method() == Method::HEAD;
+                    let version = req.version();
+                    (call(listener, req, peer), head_only, version, keep_alive)
+                }
+                other => break other,
+            };
         // Watch the socket while the answer is pending: the hold can last
         // minutes, and a client gone away must release its poll at once.
+        // `poll_read_ready` rather than `readable()`: it needs no waiter of
+        // its own in this future.
         let mut watching = pending.len() < max_head;
-        let response = loop {
-            tokio::select! {
-                biased;
-                r = call.as_mut() => match r {
-                    Ok(r) => break r,
-                    Err(never) => match never {},
-                },
-                ready = stream.readable(), if watching => {
-                    if ready.is_err() {
-                        return;
-                    }
-                    match read_pipelined(&stream, &mut pending) {
+        let held = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            while watching {
+                match stream.poll_read_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(())) => match read_pipelined(&stream, &mut pending) {
                         // Closed: dropping `call` ends the request.
-                        Ok(0) => return,
+                        Ok(0) => return Poll::Ready(None),
                         // Past the cap the kernel's buffer holds the rest
                         // until the next head is read (and refused).
                         Ok(_) => watching = pending.len() < max_head,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
-                    }
+                        Err(_) => return Poll::Ready(None),
+                    },
                 }
             }
+            Poll::Pending
+        });
+        let response = match held.await {
+            Some(Ok(r)) => r,
+            Some(Err(never)) => match never {},
+            None => return,
         };
-        let (parts, body) = response.into_parts();
-        let body = match body.collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                tracing::warn!(error = %e, "response body failed; closing the connection");
-                return;
-            }
-        };
-        let keep_alive =
-            keep_alive && !listener.shutdown.is_triggered() && !has_token(&parts.headers, "close");
-        let head_only = method == Method::HEAD;
-        let out = encode(
-            parts.status,
-            parts.headers,
-            &body,
+        drop(call);
+        let keep_alive = keep_alive && !listener.shutdown.is_triggered();
+        let Ok(keep_alive) = Box::pin(respond(
+            &mut stream,
+            response,
             head_only,
-            Connection::of(version, keep_alive),
-        );
-        let written = if head_only || body.len() > ONE_WRITE {
-            match stream.write_all(&out).await {
-                Ok(()) if head_only => Ok(()),
-                Ok(()) => stream.write_all(&body).await,
-                Err(e) => Err(e),
-            }
-        } else {
-            stream.write_all(&out).await
+            version,
+            keep_alive,
+        ))
+        .await
+        else {
+            return;
         };
-        drop(out);
-        if written.is_err() {
-            return;
-        }
         if !keep_alive {
-            let _ = stream.shutdown().await;
-            return;
+            break Head::Closed;
         }
+    };
+    Box::pin(finish(stream, peer, end, listener)).await;
+}
+
+/// Hand `req` to the router, with the peer address as hyper's connections
+/// give it.
+fn call(
+    listener: &Listener,
+    mut req: Request<Body>,
+    peer: SocketAddr,
+) -> Pin<Box<tower::util::Oneshot<axum::Router, Request<Body>>>> {
+    req.extensions_mut().insert(ConnectInfo(peer));
+    Box::pin(listener.router.clone().oneshot(req))
+}
+
+/// End a connection whose next request our front does not serve.
+async fn finish(mut stream: TcpStream, peer: SocketAddr, end: Head, listener: &Listener) {
+    match end {
+        Head::Request { .. } | Head::Closed => {}
+        Head::TimedOut => write_and_close(&mut stream, StatusCode::REQUEST_TIMEOUT).await,
+        Head::TooLarge => {
+            write_and_close(&mut stream, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await
+        }
+        Head::Misfit(read) => return listener.hyper(Replay::new(read, stream), peer).await,
     }
+    let _ = stream.shutdown().await;
+}
+
+/// Write `response` (its body collected: ours are small); whether the
+/// connection stays open after it.
+async fn respond(
+    stream: &mut TcpStream,
+    response: axum::response::Response,
+    head_only: bool,
+    version: Version,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            tracing::warn!(error = %e, "response body failed; closing the connection");
+            return Err(io::Error::other("response body failed"));
+        }
+    };
+    let keep_alive = keep_alive && !has_token(&parts.headers, "close");
+    let out = encode(
+        parts.status,
+        parts.headers,
+        &body,
+        head_only,
+        Connection::of(version, keep_alive),
+    );
+    stream.write_all(&out).await?;
+    if !head_only && body.len() > ONE_WRITE {
+        stream.write_all(&body).await?;
+    }
+    Ok(keep_alive)
 }
 
 /// What reading a request head came to.
@@ -403,12 +433,11 @@ fn encode(
     out
 }
 
-/// Answer `status` with no body and close, as hyper does for a head it
-/// refuses.
-async fn write_and_close(stream: &mut TcpStream, status: StatusCode) -> io::Result<()> {
+/// Answer `status` with no body, before closing, as hyper does for a head
+/// it refuses.
+async fn write_and_close(stream: &mut TcpStream, status: StatusCode) {
     let out = encode(status, HeaderMap::new(), &[], false, Connection::Close);
-    stream.write_all(&out).await?;
-    stream.shutdown().await
+    let _ = stream.write_all(&out).await;
 }
 
 thread_local! {
