@@ -128,13 +128,19 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        connections.spawn(async move {
-            match front {
-                Front::Hyper => shared.hyper(stream, peer).await,
-                Front::Lean => http1::serve(stream, peer, &shared).await,
-            }
-            drop(permit);
-        });
+        // One task type per front: a task is as large as the largest
+        // future it may run, and hyper's connection is much larger than a
+        // held poll's connection on the lean front.
+        match front {
+            Front::Hyper => connections.spawn(async move {
+                shared.hyper(stream, peer).await;
+                drop(permit);
+            }),
+            Front::Lean => connections.spawn(async move {
+                http1::serve(stream, peer, &shared).await;
+                drop(permit);
+            }),
+        };
     }
     drop(listener);
     // Each connection watches `shutdown` itself: idle ones close, requests
