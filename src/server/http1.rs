@@ -178,6 +178,8 @@ async fn respond(
 }
 
 /// What reading a request head came to.
+// Short-lived: boxing the request would only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Head {
     /// A request our front serves, and the bytes read past its head.
     Request {
@@ -263,6 +265,7 @@ fn read_pipelined(stream: &TcpStream, pending: &mut Vec<u8>) -> io::Result<usize
     Ok(n)
 }
 
+#[allow(clippy::large_enum_variant)] // short-lived, like `Head`
 enum Parsed {
     Partial,
     Misfit,
