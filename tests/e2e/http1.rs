@@ -124,27 +124,6 @@ fn poll_request(sid: &str, query: &str) -> String {
     format!("GET /pns/poll?sid={sid}&{query} HTTP/1.1\r\nHost: pns\r\n\r\n")
 }
 
-async fn polls_held(s: &Server) -> u64 {
-    s.internal_get("/internal/v1/stats").await.body["pollsHeld"]
-        .as_u64()
-        .unwrap()
-}
-
-async fn polls_held_becomes(s: &Server, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = polls_held(s).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pollsHeld stayed {got}, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn several_polls_share_one_keep_alive_connection() {
     let s = Server::start();
@@ -161,7 +140,7 @@ async fn several_polls_share_one_keep_alive_connection() {
     // The second poll is held on the same connection and woken by mail.
     raw.send(&poll_request(&sid, &format!("cursor={cursor}&timeout=20")))
         .await;
-    polls_held_becomes(&s, 1).await;
+    s.polls_held_becomes(1).await;
     s.mail("alice@example.com", "one").await;
     let second = raw.reply().await;
     assert_eq!(second.status, 200);
@@ -193,7 +172,7 @@ async fn two_pipelined_requests_are_answered_in_order() {
 
     // A request sent while a poll is held waits for the poll's answer.
     raw.send(&poll_request(&sid, "timeout=2")).await;
-    polls_held_becomes(&s, 1).await;
+    s.polls_held_becomes(1).await;
     raw.send("GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n").await;
     let held = raw.reply().await;
     assert_eq!(held.json()["c"], 0, "{}", held.body);
@@ -242,9 +221,9 @@ async fn a_client_closing_during_a_held_poll_releases_it() {
     raw.send(&poll_request(&sid, "timeout=0")).await;
     assert_eq!(raw.reply().await.status, 200);
     raw.send(&poll_request(&sid, "timeout=60")).await;
-    polls_held_becomes(&s, 1).await;
+    s.polls_held_becomes(1).await;
     drop(raw);
-    polls_held_becomes(&s, 0).await;
+    s.polls_held_becomes(0).await;
     // The session polls on, on a new connection.
     s.mail("alice@example.com", "after").await;
     assert_eq!(s.poll(&sid, "timeout=5").await.c(), 1);
@@ -258,11 +237,11 @@ async fn a_connection_checks_health_then_polls() {
     raw.send("GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n").await;
     assert_eq!(raw.reply().await.json()["status"], "ok");
     raw.send(&poll_request(&sid, "timeout=20")).await;
-    polls_held_becomes(&s, 1).await;
+    s.polls_held_becomes(1).await;
     s.mail("alice@example.com", "hello").await;
     let r = raw.reply().await;
     assert_eq!(r.json()["msg"][0]["data"]["subject"], "hello");
-    polls_held_becomes(&s, 0).await;
+    s.polls_held_becomes(0).await;
 }
 
 #[tokio::test]
