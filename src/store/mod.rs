@@ -14,6 +14,7 @@
 
 mod metered;
 mod postgres;
+mod recent;
 mod sqlite;
 
 pub use metered::Metered;

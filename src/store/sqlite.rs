@@ -8,7 +8,10 @@
 //! delay), which no constraint can refuse, skip the savepoints: the plain
 //! notifies queued together go in as one multi-row INSERT. Reads use a
 //! separate pool of connections, which WAL mode lets run beside the writer.
+//! After each commit the writer hands the new rows to [`Recent`], which
+//! answers most polls' reads from memory.
 
+use super::recent::Recent;
 use super::{
     new_message_id, Accepted, MessageStore, NewMessage, OpaqueSession, PurgeReport,
     RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
@@ -20,6 +23,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Connection, Row};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,7 +35,12 @@ const WRITES_PER_COMMIT: usize = 512;
 pub struct SqliteStore {
     reads: SqlitePool,
     writes: mpsc::Sender<WriteOp>,
+    recent: Arc<Recent>,
 }
+
+/// Rows a round made visible, with their mailboxes: for [`Recent`] once the
+/// round has committed.
+type Fresh = Vec<(String, StoredMessage)>;
 
 type AcceptReply = oneshot::Sender<StoreResult<Vec<Accepted>>>;
 
@@ -116,9 +125,19 @@ impl SqliteStore {
             .min_connections(1)
             .connect_with(options.read_only(true))
             .await?;
+        let (top_seq, top_visible_ms): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(max(seq), 0), coalesce(max(visible_ms), 0) FROM messages",
+        )
+        .fetch_one(&mut writer)
+        .await?;
+        let recent = Arc::new(Recent::new(top_seq, top_visible_ms));
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(run_writer(writer, rx));
-        Ok(SqliteStore { reads, writes: tx })
+        tokio::spawn(run_writer(writer, rx, recent.clone()));
+        Ok(SqliteStore {
+            reads,
+            writes: tx,
+            recent,
+        })
     }
 
     async fn write<T>(
@@ -135,7 +154,11 @@ impl SqliteStore {
 }
 
 /// The single writer: drains the queue into one transaction per round.
-async fn run_writer(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteOp>) {
+async fn run_writer(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<WriteOp>,
+    recent: Arc<Recent>,
+) {
     let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
     while rx.recv_many(&mut ops, WRITES_PER_COMMIT).await > 0 {
         // Purges can be long; they get a round of their own.
@@ -146,17 +169,19 @@ async fn run_writer(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteOp>)
             let rest = ops.split_off(pos + 1);
             let purge = ops.pop();
             if !ops.is_empty() {
-                commit_round(&mut conn, std::mem::take(&mut ops)).await;
+                commit_round(&mut conn, std::mem::take(&mut ops), &recent).await;
             }
             if let Some(purge) = purge {
-                commit_round(&mut conn, vec![purge]).await;
+                commit_round(&mut conn, vec![purge], &recent).await;
+                // The purge may have deleted any recent row.
+                recent.forget_all();
             }
             ops = rest;
             if ops.is_empty() {
                 continue;
             }
         }
-        commit_round(&mut conn, std::mem::take(&mut ops)).await;
+        commit_round(&mut conn, std::mem::take(&mut ops), &recent).await;
     }
 }
 
@@ -204,8 +229,12 @@ impl Done {
     }
 }
 
-async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>) {
+/// One transaction for `ops`; then, in this order, the rows it made visible
+/// go to `recent` and the callers get their answers, so a poll woken by an
+/// answer finds the rows there.
+async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, recent: &Recent) {
     let mut done = Vec::with_capacity(ops.len());
+    let mut fresh = Fresh::new();
     if only_plain_accepts(&ops) {
         // One statement commits by itself (and is on disk when it returns,
         // with synchronous=FULL): no BEGIN and COMMIT round trips.
@@ -217,7 +246,8 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>) {
             } => Some((batch, now_ms, reply)),
             _ => None,
         });
-        insert_plain_group(conn, group.collect(), &mut done).await;
+        insert_plain_group(conn, group.collect(), &mut done, &mut fresh).await;
+        recent.record(fresh);
         for d in done {
             d.send(&Ok(()));
         }
@@ -234,7 +264,7 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>) {
                     reply,
                 } = op
                 else {
-                    done.push(apply_in_savepoint(&mut tx, op).await);
+                    done.push(apply_in_savepoint(&mut tx, op, &mut fresh).await);
                     continue;
                 };
                 if !is_plain(&batch) {
@@ -243,7 +273,7 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>) {
                         now_ms,
                         reply,
                     };
-                    done.push(apply_in_savepoint(&mut tx, op).await);
+                    done.push(apply_in_savepoint(&mut tx, op, &mut fresh).await);
                     continue;
                 }
                 // Plain accepts queued one after another go in together.
@@ -263,20 +293,29 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>) {
                         group.push((batch, now_ms, reply));
                     }
                 }
-                insert_plain_group(&mut tx, group, &mut done).await;
+                insert_plain_group(&mut tx, group, &mut done, &mut fresh).await;
             }
             tx.commit().await.map_err(|e| e.to_string())
         }
     };
-    if let Err(e) = &commit {
-        tracing::error!(error = %e, "sqlite commit failed");
+    match &commit {
+        Ok(()) => recent.record(fresh),
+        Err(e) => tracing::error!(error = %e, "sqlite commit failed"),
     }
     for d in done {
         d.send(&commit);
     }
 }
 
-async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp) -> Done {
+/// Apply `op` in a savepoint of its own; the rows it made visible join
+/// `fresh` only when it succeeded.
+async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp, fresh: &mut Fresh) -> Done {
+    fn keep<T>(r: StoreResult<(T, Fresh)>, fresh: &mut Fresh) -> StoreResult<T> {
+        r.map(|(v, rows)| {
+            fresh.extend(rows);
+            v
+        })
+    }
     // Runs `$body` (an expression using the connection `$c`) in a savepoint.
     macro_rules! in_savepoint {
         ($c:ident => $body:expr) => {{
@@ -301,10 +340,14 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp) -> Done {
             batch,
             now_ms,
             reply,
-        } => Done::Accept(reply, in_savepoint!(c => insert_batch(c, batch, now_ms))),
-        WriteOp::ReleaseDue { now_ms, reply } => {
-            Done::Users(reply, in_savepoint!(c => release_due(c, now_ms)))
-        }
+        } => Done::Accept(
+            reply,
+            keep(in_savepoint!(c => insert_batch(c, batch, now_ms)), fresh),
+        ),
+        WriteOp::ReleaseDue { now_ms, reply } => Done::Users(
+            reply,
+            keep(in_savepoint!(c => release_due(c, now_ms)), fresh),
+        ),
         WriteOp::SavePosition {
             session,
             user,
@@ -449,40 +492,66 @@ async fn insert_plain_group(
     conn: &mut SqliteConnection,
     group: Vec<(Vec<NewMessage>, i64, AcceptReply)>,
     done: &mut Vec<Done>,
+    fresh: &mut Fresh,
 ) {
-    let rows: usize = group.iter().map(|(b, _, _)| b.len()).sum();
-    let mut sql = String::with_capacity(100 + rows * 14);
+    let count: usize = group.iter().map(|(b, _, _)| b.len()).sum();
+    let mut sql = String::with_capacity(100 + count * 14);
     sql.push_str("INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms) VALUES ");
-    for i in 0..rows {
+    for i in 0..count {
         sql.push_str(if i == 0 {
             "(?,?,?,?,?,?)"
         } else {
             ",(?,?,?,?,?,?)"
         });
     }
-    let mut q = sqlx::query(&sql);
+    sql.push_str(" RETURNING seq, id");
+    let mut rows: Fresh = Vec::with_capacity(count);
     let mut outcomes = Vec::with_capacity(group.len());
     for (batch, now_ms, reply) in group {
         let mut ids = Vec::with_capacity(batch.len());
         for m in batch {
             let id = new_message_id();
-            q = q
-                .bind(id.clone())
-                .bind(m.user)
-                .bind(m.kind)
-                .bind(m.data)
-                .bind(now_ms)
-                .bind(now_ms);
-            ids.push(Accepted::Stored { id, visible: true });
+            ids.push(Accepted::Stored {
+                id: id.clone(),
+                visible: true,
+            });
+            let row = StoredMessage {
+                seq: 0,
+                id,
+                kind: m.kind,
+                accepted_ms: now_ms,
+                visible_ms: now_ms,
+                data: m.data,
+            };
+            rows.push((m.user, row));
         }
         outcomes.push((reply, ids));
     }
-    match q.execute(&mut *conn).await {
-        Ok(_) => done.extend(
-            outcomes
-                .into_iter()
-                .map(|(reply, ids)| Done::Accept(reply, Ok(ids))),
-        ),
+    let mut q = sqlx::query_as::<_, (i64, String)>(&sql);
+    for (mailbox, m) in &rows {
+        q = q
+            .bind(&m.id)
+            .bind(mailbox)
+            .bind(m.kind)
+            .bind(&m.data)
+            .bind(m.accepted_ms)
+            .bind(m.visible_ms);
+    }
+    match q.fetch_all(&mut *conn).await {
+        Ok(seqs) => {
+            let seqs: std::collections::HashMap<String, i64> =
+                seqs.into_iter().map(|(seq, id)| (id, seq)).collect();
+            for (_, m) in &mut rows {
+                m.seq = seqs.get(&m.id).copied().unwrap_or_default();
+            }
+            // A row left at seq 0 makes `Recent` stop answering.
+            fresh.extend(rows);
+            done.extend(
+                outcomes
+                    .into_iter()
+                    .map(|(reply, ids)| Done::Accept(reply, Ok(ids))),
+            );
+        }
         Err(e) if outcomes.len() == 1 => {
             if let Some((reply, _)) = outcomes.pop() {
                 done.push(Done::Accept(reply, Err(StoreError::from(e))));
@@ -504,8 +573,9 @@ async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: Vec<NewMessage>,
     now_ms: i64,
-) -> StoreResult<Vec<Accepted>> {
+) -> StoreResult<(Vec<Accepted>, Fresh)> {
     let mut out = Vec::with_capacity(batch.len());
+    let mut fresh = Fresh::new();
     for m in batch {
         let id = new_message_id();
         if let Some(key) = &m.dedup_key {
@@ -534,7 +604,7 @@ async fn insert_batch(
             }
         }
         if m.delay_ms == 0 {
-            sqlx::query(
+            let seq = sqlx::query(
                 "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms) VALUES (?, ?, ?, ?, ?, ?)",
             )
             .bind(&id)
@@ -544,8 +614,21 @@ async fn insert_batch(
             .bind(now_ms)
             .bind(now_ms)
             .execute(&mut *conn)
-            .await?;
-            out.push(Accepted::Stored { id, visible: true });
+            .await?
+            .last_insert_rowid();
+            out.push(Accepted::Stored {
+                id: id.clone(),
+                visible: true,
+            });
+            let row = StoredMessage {
+                seq,
+                id,
+                kind: m.kind,
+                accepted_ms: now_ms,
+                visible_ms: now_ms,
+                data: m.data,
+            };
+            fresh.push((m.user, row));
         } else {
             let due = now_ms.saturating_add(i64::try_from(m.delay_ms).unwrap_or(i64::MAX));
             sqlx::query(
@@ -562,19 +645,37 @@ async fn insert_batch(
             out.push(Accepted::Stored { id, visible: false });
         }
     }
-    Ok(out)
+    Ok((out, fresh))
 }
 
-async fn release_due(conn: &mut SqliteConnection, now_ms: i64) -> StoreResult<Vec<String>> {
-    sqlx::query(
+async fn release_due(
+    conn: &mut SqliteConnection,
+    now_ms: i64,
+) -> StoreResult<(Vec<String>, Fresh)> {
+    let released: Vec<(i64, String, String, i64, String, i64)> = sqlx::query_as(
         "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms)
          SELECT id, mailbox, type, data, accepted_ms, ? FROM delayed_messages
-         WHERE due_ms <= ? ORDER BY due_ms, accepted_ms",
+         WHERE due_ms <= ? ORDER BY due_ms, accepted_ms
+         RETURNING seq, id, mailbox, type, data, accepted_ms",
     )
     .bind(now_ms)
     .bind(now_ms)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
+    let fresh = released
+        .into_iter()
+        .map(|(seq, id, mailbox, kind, data, accepted_ms)| {
+            let row = StoredMessage {
+                seq,
+                id,
+                kind,
+                accepted_ms,
+                visible_ms: now_ms,
+                data,
+            };
+            (mailbox, row)
+        })
+        .collect();
     let users: Vec<String> =
         sqlx::query_scalar("DELETE FROM delayed_messages WHERE due_ms <= ? RETURNING mailbox")
             .bind(now_ms)
@@ -583,7 +684,7 @@ async fn release_due(conn: &mut SqliteConnection, now_ms: i64) -> StoreResult<Ve
     let mut users = users;
     users.sort_unstable();
     users.dedup();
-    Ok(users)
+    Ok((users, fresh))
 }
 
 async fn purge(
@@ -651,6 +752,9 @@ impl MessageStore for SqliteStore {
         since_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
+        if let Some(found) = self.recent.fetch(user, after_seq, since_ms, limit) {
+            return Ok(found);
+        }
         let rows = sqlx::query(
             "SELECT seq, id, type, accepted_ms, visible_ms, data FROM messages
              WHERE mailbox = ? AND seq > ? AND visible_ms >= ? ORDER BY seq LIMIT ?",
