@@ -222,6 +222,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 crate::server::PUBLIC_MAX_HEAD_BYTES.max(limits.max_url_bytes + 16 * 1024),
             ),
         },
+        crate::server::Front::Lean,
         shutdown.clone(),
     ));
     tasks.spawn(crate::server::serve(
@@ -232,6 +233,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             header_timeout: limits.header_timeout,
             max_head_bytes: None,
         },
+        crate::server::Front::Hyper,
         shutdown.clone(),
     ));
 

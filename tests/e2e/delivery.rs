@@ -258,23 +258,17 @@ async fn a_vanished_client_leaves_no_poll_held() {
     .await
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while polls_held(&s).await != 1 {
+    while s.polls_held().await != 1 {
         assert!(Instant::now() < deadline, "the poll was never held");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(raw);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while polls_held(&s).await != 0 {
+    while s.polls_held().await != 0 {
         assert!(
             Instant::now() < deadline,
             "the poll of a closed connection is still held"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn polls_held(s: &Server) -> u64 {
-    s.internal_get("/internal/v1/stats").await.body["pollsHeld"]
-        .as_u64()
-        .unwrap()
 }

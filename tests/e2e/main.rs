@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod delivery;
 mod dovecot;
+mod http1;
 mod internal_api;
 mod lifecycle;
 mod maildir;

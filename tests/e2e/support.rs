@@ -244,6 +244,29 @@ impl Server {
         answer(r).await
     }
 
+    /// `pollsHeld` of `/internal/v1/stats`.
+    pub async fn polls_held(&self) -> u64 {
+        self.internal_get("/internal/v1/stats").await.body["pollsHeld"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Wait until `pollsHeld` reads `want`.
+    pub async fn polls_held_becomes(&self, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.polls_held().await;
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pollsHeld stayed {got}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Poll from `cursor` ("" for a first poll) until `want` messages have
     /// come or `within` has passed; the messages and the last cursor.
     pub async fn collect(

@@ -1,0 +1,160 @@
+//! The accept loop both listeners run: HTTP/1.1 connections with a header
+//! read timeout against slow clients (request bodies have their own timeout,
+//! in [`crate::http`]), a cap on the request head, a cap on open
+//! connections, the peer address in each request's extensions, and a
+//! graceful drain.
+//!
+//! The internal listener runs hyper. The public listener runs our own small
+//! front ([`http1`]) for the requests browsers send, so that a held poll
+//! owns no read buffer, and hands anything else to hyper.
+
+mod http1;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::shutdown::Shutdown;
+
+/// How long the drain waits for requests in flight at most.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The public listener's cap on a request head (request line and headers);
+/// answered with 431 past it. Browsers' polls are far smaller.
+pub const PUBLIC_MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// The limits of one listener's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections open at once at most; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this time, or the connection
+    /// is closed (this also ends idle keep-alive connections).
+    pub header_timeout: Duration,
+    /// The largest request head read; `None` for hyper's default.
+    pub max_head_bytes: Option<usize>,
+}
+
+/// Who speaks HTTP on a listener's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// hyper, for every request.
+    Hyper,
+    /// Our own front for bodiless requests (browsers' polls), hyper for the
+    /// rest: see [`http1`].
+    Lean,
+}
+
+/// What every connection of one listener shares.
+struct Listener {
+    router: Router,
+    builder: hyper::server::conn::http1::Builder,
+    limits: ConnLimits,
+    shutdown: Shutdown,
+}
+
+impl Listener {
+    /// Serve a connection with hyper until it closes; on shutdown, let the
+    /// request in flight finish and close.
+    async fn hyper<I>(&self, io: I, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(req)
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = self.shutdown.wait() => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+}
+
+/// Serve `router` on `listener` until `shutdown`, then drain.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnLimits,
+    front: Front,
+    shutdown: Shutdown,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    if let Some(max) = limits.max_head_bytes {
+        // hyper refuses (panics on) a buffer below its own minimum.
+        builder.max_buf_size(max.max(8192));
+    }
+    let shared = Arc::new(Listener {
+        router,
+        builder,
+        limits,
+        shutdown: shutdown.clone(),
+    });
+    let connections = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.wait() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        // One task type per front: a task is as large as the largest
+        // future it may run, and hyper's connection is much larger than a
+        // held poll's connection on the lean front.
+        match front {
+            Front::Hyper => connections.spawn(async move {
+                shared.hyper(stream, peer).await;
+                drop(permit);
+            }),
+            Front::Lean => connections.spawn(async move {
+                http1::serve(stream, peer, &shared).await;
+                drop(permit);
+            }),
+        };
+    }
+    drop(listener);
+    // Each connection watches `shutdown` itself: idle ones close, requests
+    // in flight finish and their answers close the connection.
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timed out; closing remaining connections");
+    }
+}
+
+/// The address a request came from.
+pub fn peer(req: &axum::http::Extensions) -> Option<SocketAddr> {
+    req.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+}

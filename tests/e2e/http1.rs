@@ -1,0 +1,306 @@
+//! HTTP/1.1 on the public listener, spoken over raw sockets: keep-alive,
+//! pipelining, HTTP/1.0, `Connection: close`, HEAD, a client that goes away
+//! during a held poll, and the requests handed to hyper (bodies, oversized
+//! heads).
+
+use crate::support::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One answer read off a raw connection.
+struct Reply {
+    status: u16,
+    /// Header names lowercased.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// A raw HTTP/1 client connection.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(s: &Server) -> Raw {
+        Raw {
+            stream: TcpStream::connect(s.public).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &str) {
+        self.stream.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    /// Read more bytes; false at EOF.
+    async fn fill(&mut self, within: Duration) -> bool {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(within, self.stream.read(&mut chunk))
+            .await
+            .expect("no answer in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// Read one answer; `head_only` for the answer to a HEAD request.
+    async fn reply_to(&mut self, head_only: bool, within: Duration) -> Reply {
+        let end = loop {
+            if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            assert!(self.fill(within).await, "closed before an answer");
+        };
+        let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
+        let status = status_line[9..12].parse().unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(':').unwrap();
+                (n.trim().to_ascii_lowercase(), v.trim().to_owned())
+            })
+            .collect();
+        let length: usize = if head_only {
+            0
+        } else {
+            headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .map(|(_, v)| v.parse().unwrap())
+                .expect("a content-length")
+        };
+        while self.buf.len() < end + length {
+            assert!(self.fill(within).await, "closed in a body");
+        }
+        let body = String::from_utf8(self.buf[end..end + length].to_vec()).unwrap();
+        self.buf.drain(..end + length);
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn reply(&mut self) -> Reply {
+        self.reply_to(false, Duration::from_secs(10)).await
+    }
+
+    /// Whether the server closes the connection (with nothing more sent)
+    /// within `within`.
+    async fn closes(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let mut chunk = [0u8; 512];
+            match tokio::time::timeout_at(deadline.into(), self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return self.buf.is_empty(),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+fn poll_request(sid: &str, query: &str) -> String {
+    format!("GET /pns/poll?sid={sid}&{query} HTTP/1.1\r\nHost: pns\r\n\r\n")
+}
+
+#[tokio::test]
+async fn several_polls_share_one_keep_alive_connection() {
+    let s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let mut raw = Raw::connect(&s).await;
+    raw.send(&poll_request(&sid, "timeout=0")).await;
+    let first = raw.reply().await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("connection"), None);
+    assert!(first.header("date").is_some());
+    assert_eq!(first.header("cache-control"), Some("no-store"));
+    let cursor = first.json()["cursor"].as_str().unwrap().to_owned();
+
+    // The second poll is held on the same connection and woken by mail.
+    raw.send(&poll_request(&sid, &format!("cursor={cursor}&timeout=20")))
+        .await;
+    s.polls_held_becomes(1).await;
+    s.mail("alice@example.com", "one").await;
+    let second = raw.reply().await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.json()["msg"][0]["data"]["subject"], "one");
+    let cursor = second.json()["cursor"].as_str().unwrap().to_owned();
+
+    s.mail("alice@example.com", "two").await;
+    raw.send(&poll_request(&sid, &format!("cursor={cursor}&timeout=0")))
+        .await;
+    let third = raw.reply().await;
+    assert_eq!(third.json()["msg"][0]["data"]["subject"], "two");
+}
+
+#[tokio::test]
+async fn two_pipelined_requests_are_answered_in_order() {
+    let s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let mut raw = Raw::connect(&s).await;
+    raw.send(&format!(
+        "GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n{}",
+        poll_request(&sid, "timeout=0")
+    ))
+    .await;
+    let health = raw.reply().await;
+    assert_eq!(health.json()["status"], "ok");
+    let poll = raw.reply().await;
+    assert_eq!(poll.status, 200);
+    assert_eq!(poll.json()["c"], 0);
+
+    // A request sent while a poll is held waits for the poll's answer.
+    raw.send(&poll_request(&sid, "timeout=2")).await;
+    s.polls_held_becomes(1).await;
+    raw.send("GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n").await;
+    let held = raw.reply().await;
+    assert_eq!(held.json()["c"], 0, "{}", held.body);
+    let health = raw.reply().await;
+    assert_eq!(health.json()["status"], "ok");
+}
+
+#[tokio::test]
+async fn an_http_1_0_request_is_answered_and_closed() {
+    let s = Server::start();
+    let mut raw = Raw::connect(&s).await;
+    raw.send("GET /healthz HTTP/1.0\r\n\r\n").await;
+    let r = raw.reply().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(raw.closes(Duration::from_secs(5)).await);
+
+    // Unless it asks to keep the connection.
+    let mut raw = Raw::connect(&s).await;
+    raw.send("GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let r = raw.reply().await;
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    raw.send("GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw.reply().await.status, 200);
+    assert!(raw.closes(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn connection_close_is_honoured() {
+    let s = Server::start();
+    let mut raw = Raw::connect(&s).await;
+    raw.send("GET /healthz HTTP/1.1\r\nHost: pns\r\nConnection: close\r\n\r\n")
+        .await;
+    let r = raw.reply().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(raw.closes(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn a_client_closing_during_a_held_poll_releases_it() {
+    let s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let mut raw = Raw::connect(&s).await;
+    raw.send(&poll_request(&sid, "timeout=0")).await;
+    assert_eq!(raw.reply().await.status, 200);
+    raw.send(&poll_request(&sid, "timeout=60")).await;
+    s.polls_held_becomes(1).await;
+    drop(raw);
+    s.polls_held_becomes(0).await;
+    // The session polls on, on a new connection.
+    s.mail("alice@example.com", "after").await;
+    assert_eq!(s.poll(&sid, "timeout=5").await.c(), 1);
+}
+
+#[tokio::test]
+async fn a_connection_checks_health_then_polls() {
+    let s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let mut raw = Raw::connect(&s).await;
+    raw.send("GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n").await;
+    assert_eq!(raw.reply().await.json()["status"], "ok");
+    raw.send(&poll_request(&sid, "timeout=20")).await;
+    s.polls_held_becomes(1).await;
+    s.mail("alice@example.com", "hello").await;
+    let r = raw.reply().await;
+    assert_eq!(r.json()["msg"][0]["data"]["subject"], "hello");
+    s.polls_held_becomes(0).await;
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_still_gets_413() {
+    let s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let mut raw = Raw::connect(&s).await;
+    // A first request served by the lean front, then one handed to hyper.
+    raw.send("GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n").await;
+    assert_eq!(raw.reply().await.status, 200);
+    raw.send(&format!(
+        "GET /pns/poll?sid={sid}&timeout=0 HTTP/1.1\r\nHost: pns\r\nContent-Length: 100\r\n\r\n{}",
+        "x".repeat(100)
+    ))
+    .await;
+    let r = raw.reply().await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["errorCode"], "PAYLOAD_TOO_LARGE");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(raw.closes(Duration::from_secs(5)).await);
+
+    // A chunked body likewise.
+    let mut raw = Raw::connect(&s).await;
+    raw.send(
+        "GET /healthz HTTP/1.1\r\nHost: pns\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw.reply().await.status, 413);
+}
+
+#[tokio::test]
+async fn an_oversized_head_gets_431() {
+    let s = Server::start();
+    let mut raw = Raw::connect(&s).await;
+    let filler = "x".repeat(1000);
+    let mut head = String::from("GET /healthz HTTP/1.1\r\nHost: pns\r\n");
+    for i in 0..40 {
+        head.push_str(&format!("X-Filler-{i}: {filler}\r\n"));
+    }
+    head.push_str("\r\n");
+    // The server may stop reading (and close) before all of it is written.
+    let _ = raw.stream.write_all(head.as_bytes()).await;
+    let r = raw.reply().await;
+    assert_eq!(r.status, 431);
+    assert_eq!(r.header("connection"), Some("close"));
+}
+
+#[tokio::test]
+async fn a_head_request_gets_no_body() {
+    let s = Server::start();
+    let mut raw = Raw::connect(&s).await;
+    raw.send("HEAD /healthz HTTP/1.1\r\nHost: pns\r\n\r\n")
+        .await;
+    let r = raw.reply_to(true, Duration::from_secs(10)).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    // Nothing of a body follows: the next answer starts right away.
+    raw.send("GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n").await;
+    let r = raw.reply().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ok");
+}
