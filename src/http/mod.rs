@@ -47,10 +47,9 @@ pub fn public_router(app: Arc<App>) -> Router {
         .route("/", get(demo::page))
         .route("/pns/demo/session", get(demo::session))
         // On known routes only: elsewhere the answer is 404 whatever the size.
-        .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            limits::public_request,
-        ))
+        .route_layer(limits::PublicChecks {
+            max_url_bytes: app.config.limits.max_url_bytes,
+        })
         .fallback(not_found)
         .with_state(app.clone())
         .layer(no_store());
