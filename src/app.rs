@@ -168,17 +168,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
     let started_ms = crate::clock::now_ms();
     let shutdown = Shutdown::new();
-    let public = TcpListener::bind(config.listen)
-        .await
+    let public = crate::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {} (PNS_LISTEN)", config.listen))?;
-    let internal = TcpListener::bind(config.internal_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (PNS_INTERNAL_LISTEN)",
-                config.internal_listen
-            )
-        })?;
+    let internal = crate::server::bind(config.internal_listen).with_context(|| {
+        format!(
+            "cannot listen on {} (PNS_INTERNAL_LISTEN)",
+            config.internal_listen
+        )
+    })?;
     let app = App::new(config, shutdown.clone()).await?;
     announce(&app, &public, &internal);
 
@@ -225,7 +222,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crate::server::Front::Lean,
         shutdown.clone(),
     ));
-    tasks.spawn(on_own_thread(
+    tasks.spawn(crate::threads::spawn(
         "pns-internal",
         crate::server::serve(
             internal,
@@ -246,37 +243,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Run `task` on a thread of its own, with a runtime of its own; the
-/// returned future resolves when it has finished.
-///
-/// The internal listener runs this way so that the operating system, not
-/// the order of tokio's run queue, shares the CPU between taking in mail and
-/// answering polls: a burst of notifies wakes thousands of polls, and their
-/// answers and the polls that follow would otherwise queue ahead of the
-/// next notify's request (batches of 500 with 19,000 polls: 19,000 against
-/// 112,000 messages a second acknowledged, docs/BENCHMARKS.md).
-fn on_own_thread(
-    name: &str,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .with_context(|| format!("cannot build the runtime of {name}"))?;
-    let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            runtime.block_on(task);
-            drop(finished);
-        })
-        .with_context(|| format!("cannot start the thread of {name}"))?;
-    Ok(async move {
-        // Resolves with an error once `finished` is dropped: that is the signal.
-        let _ = finished_rx.await;
-    })
 }
 
 /// How often the in-memory tables are swept.

@@ -35,6 +35,7 @@
 //! - [`retention`]: the background purge.
 //! - [`metrics`]: counters, Prometheus text.
 //! - [`shutdown`]: the token every task watches.
+//! - [`threads`]: the jobs that run beside the main runtime, and why.
 //! - [`cli`]: the `pns` command line.
 
 pub mod address;
@@ -57,4 +58,5 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod store;
+pub mod threads;
 pub mod wire;

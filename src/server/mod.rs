@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -108,41 +108,25 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     });
     let connections = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.wait() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        // One task type per front: a task is as large as the largest
-        // future it may run, and hyper's connection is much larger than a
-        // held poll's connection on the lean front.
-        match front {
-            Front::Hyper => connections.spawn(async move {
-                shared.hyper(stream, peer).await;
-                drop(permit);
-            }),
-            Front::Lean => connections.spawn(async move {
-                http1::serve(stream, peer, &shared).await;
-                drop(permit);
-            }),
-        };
+    let accepting = Accepting {
+        shared,
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        connections: connections.clone(),
+        front,
+        connections_run_on: tokio::runtime::Handle::current(),
+    };
+    // The public listener accepts on a thread of its own (see
+    // crate::threads); its connections still run on this runtime.
+    match listener.into_std() {
+        Ok(listener) if front == Front::Lean => {
+            match crate::threads::spawn("pns-accept", accepting.run(listener)) {
+                Ok(done) => done.await,
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot start accepting"),
+            }
+        }
+        Ok(listener) => accepting.run(listener).await,
+        Err(e) => tracing::error!(error = %e, "cannot take over the listening socket"),
     }
-    drop(listener);
     // Each connection watches `shutdown` itself: idle ones close, requests
     // in flight finish and their answers close the connection.
     connections.close();
@@ -152,6 +136,102 @@ pub async fn serve(
     {
         tracing::warn!("drain timed out; closing remaining connections");
     }
+}
+
+/// The accept loop of one listener.
+struct Accepting {
+    shared: Arc<Listener>,
+    /// One permit per open connection.
+    slots: Arc<Semaphore>,
+    connections: TaskTracker,
+    front: Front,
+    connections_run_on: tokio::runtime::Handle,
+}
+
+impl Accepting {
+    /// Accept until shutdown, spawning each connection on the main runtime.
+    async fn run(self, listener: std::net::TcpListener) {
+        let shutdown = self.shared.shutdown.clone();
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot accept on the listening socket");
+                return;
+            }
+        };
+        loop {
+            let permit = tokio::select! {
+                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.wait() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.wait() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            // Handed over as a plain socket: it registers with the runtime
+            // its connection runs on.
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand over an accepted connection");
+                    continue;
+                }
+            };
+            let shared = self.shared.clone();
+            // One task type per front: a task is as large as the largest
+            // future it may run, and hyper's connection is much larger than a
+            // held poll's connection on the lean front.
+            match self.front {
+                Front::Hyper => self.connections.spawn_on(
+                    async move {
+                        if let Ok(stream) = TcpStream::from_std(stream) {
+                            shared.hyper(stream, peer).await;
+                        }
+                        drop(permit);
+                    },
+                    &self.connections_run_on,
+                ),
+                Front::Lean => self.connections.spawn_on(
+                    async move {
+                        if let Ok(stream) = TcpStream::from_std(stream) {
+                            http1::serve(stream, peer, &shared).await;
+                        }
+                        drop(permit);
+                    },
+                    &self.connections_run_on,
+                ),
+            };
+        }
+    }
+}
+
+/// Connections the kernel queues for `accept` at most, per listener (it caps
+/// this at `net.core.somaxconn`). tokio's default, 1,024, overflowed when
+/// 19,000 clients connected at once (as after a restart): each connection
+/// dropped from a full queue waits a second for its SYN to be sent again.
+pub const LISTEN_BACKLOG: u32 = 16_384;
+
+/// Listen on `addr` with a backlog of [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's and tokio's own bind: a restarted node need not wait for the
+    // old connections' TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// The address a request came from.

@@ -170,17 +170,16 @@ impl SqliteStore {
         });
         drop(with_position);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        // On a thread and runtime of its own, so that a commit's turn never
-        // waits behind thousands of poll tasks on the main runtime.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         let writer_memory = memory.clone();
-        std::thread::Builder::new()
-            .name("pns-sqlite-writer".into())
-            .spawn(move || runtime.block_on(run_writer(writer, rx, writer_memory)))
-            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        // Its own thread: see crate::threads. It ends when the store is dropped.
+        drop(
+            crate::threads::spawn("pns-sqlite-writer", run_writer(writer, rx, writer_memory))
+                .map_err(|e| {
+                    StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(format!(
+                        "{e:#}"
+                    ))))
+                })?,
+        );
         Ok(SqliteStore {
             reads,
             writes: tx,
