@@ -1,9 +1,11 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-/// jemalloc leaves the untouched part of a buffer untouched: a held poll's
-/// 8 KiB HTTP buffers cost resident memory only for the bytes really
-/// written to them (see docs/BENCHMARKS.md).
+/// jemalloc leaves the untouched part of a buffer untouched, and gives
+/// freed memory back in time: with tens of thousands of connections, the
+/// buffers of the ones on hyper (the internal listener, and public
+/// connections that sent a body) cost resident memory only for the bytes
+/// really written to them (see docs/BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
