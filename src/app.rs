@@ -237,7 +237,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ),
     )?);
 
-    crate::shutdown::signal().await;
+    // A listener that cannot go on stops the node too.
+    tokio::select! {
+        _ = crate::shutdown::signal() => {}
+        _ = shutdown.wait() => {}
+    }
     shutdown.trigger();
     app.hub.shut_down();
     while tasks.join_next().await.is_some() {}

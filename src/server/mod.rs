@@ -121,11 +121,17 @@ pub async fn serve(
         Ok(listener) if front == Front::Lean => {
             match crate::threads::spawn("pns-accept", accepting.run(listener)) {
                 Ok(done) => done.await,
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot start accepting"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot start accepting; stopping");
+                    shutdown.trigger();
+                }
             }
         }
         Ok(listener) => accepting.run(listener).await,
-        Err(e) => tracing::error!(error = %e, "cannot take over the listening socket"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take over the listening socket; stopping");
+            shutdown.trigger();
+        }
     }
     // Each connection watches `shutdown` itself: idle ones close, requests
     // in flight finish and their answers close the connection.
@@ -155,7 +161,8 @@ impl Accepting {
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "cannot accept on the listening socket");
+                tracing::error!(error = %e, "cannot accept on the listening socket; stopping");
+                shutdown.trigger();
                 return;
             }
         };
