@@ -245,6 +245,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     shutdown.trigger();
     app.hub.shut_down();
     while tasks.join_next().await.is_some() {}
+    if let Err(e) = app.store.flush().await {
+        tracing::error!(error = %e, "cannot write out the session positions");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -112,6 +112,10 @@ impl MessageStore for Metered {
         self.count(self.inner.ping().await)
     }
 
+    async fn flush(&self) -> StoreResult<()> {
+        self.count(self.inner.flush().await)
+    }
+
     fn events(&self) -> Option<tokio::sync::broadcast::Receiver<super::StoreEvent>> {
         self.inner.events()
     }

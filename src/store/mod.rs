@@ -187,6 +187,9 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// The position a cursor-less session has read up to.
     async fn position(&self, session: &str) -> StoreResult<Option<i64>>;
+    /// Keep the position of a cursor-less session (the larger one wins). A
+    /// store may write it behind: `position` knows it at once, the file
+    /// soon after, and surely after [`flush`](Self::flush).
     async fn save_position(
         &self,
         session: &str,
@@ -225,6 +228,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Write out what the store writes behind (the SQLite store's session
+    /// positions); on shutdown, so that a restart repeats no answer.
+    async fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// Events from the other nodes sharing this store, for a store that can
     /// be shared; `None` when no other node can write to it (SQLite).

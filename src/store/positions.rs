@@ -70,7 +70,7 @@ impl Positions {
         }
     }
 
-    /// A position the writer has committed (the file keeps the larger).
+    /// A position saved, on its way to the file (which keeps the larger).
     pub fn saved(&self, session: &str, seq: i64) {
         let mut inner = self.lock();
         if inner.kept.len() >= MAX_KEPT && !inner.kept.contains_key(session) {

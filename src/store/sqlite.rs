@@ -10,6 +10,12 @@
 //! separate pool of connections, which WAL mode lets run beside the writer.
 //! After each commit the writer hands the new rows to [`Recent`], which
 //! answers most polls' reads from memory.
+//!
+//! Session positions are written behind: memory learns a position at once,
+//! and the writer stores the positions that came in during a round together,
+//! after that round's answers went out. A poll's answer never waits for a
+//! commit of its own; a crash can lose the last positions, and delivery is at
+//! least once: the sessions concerned get their last answer again.
 
 use super::positions::{Known, Positions};
 use super::recent::Recent;
@@ -23,6 +29,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +42,7 @@ const WRITES_PER_COMMIT: usize = 512;
 
 pub struct SqliteStore {
     reads: SqlitePool,
-    writes: mpsc::Sender<WriteOp>,
+    writes: mpsc::Sender<Queued>,
     memory: Arc<InMemory>,
 }
 
@@ -53,16 +60,11 @@ type Rows = Vec<(String, StoredMessage)>;
 #[derive(Default)]
 struct Fresh {
     rows: Rows,
-    /// (session, seq) of the positions saved.
-    positions: Vec<(String, i64)>,
 }
 
 impl InMemory {
     fn learn(&self, fresh: Fresh) {
         self.recent.record(fresh.rows);
-        for (session, seq) in fresh.positions {
-            self.positions.saved(&session, seq);
-        }
     }
 
     /// After a purge: any row may have been deleted.
@@ -83,13 +85,6 @@ enum WriteOp {
     ReleaseDue {
         now_ms: i64,
         reply: oneshot::Sender<StoreResult<Vec<String>>>,
-    },
-    SavePosition {
-        session: String,
-        user: String,
-        seq: i64,
-        now_ms: i64,
-        reply: oneshot::Sender<StoreResult<()>>,
     },
     RevokeSession {
         jti: String,
@@ -116,6 +111,23 @@ enum WriteOp {
     DeleteOpaque {
         sid_hash: String,
         reply: oneshot::Sender<StoreResult<bool>>,
+    },
+}
+
+/// What the writer's queue carries.
+enum Queued {
+    /// A write its caller waits for, committed in the next round.
+    Write(WriteOp),
+    /// Written behind: nobody waits for it (see the module comment).
+    SavePosition {
+        session: String,
+        user: String,
+        seq: i64,
+        now_ms: i64,
+    },
+    /// Answered once every position queued before it is in the file.
+    Flush {
+        reply: oneshot::Sender<StoreResult<()>>,
     },
 }
 
@@ -219,13 +231,21 @@ impl SqliteStore {
             .collect()
     }
 
+    /// A write, answered after the commit of its round.
     async fn write<T>(
         &self,
         op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
     ) -> StoreResult<T> {
+        self.ask(|reply| Queued::Write(op(reply))).await
+    }
+
+    async fn ask<T>(
+        &self,
+        queued: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Queued,
+    ) -> StoreResult<T> {
         let (reply, answer) = oneshot::channel();
         self.writes
-            .send(op(reply))
+            .send(queued(reply))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
@@ -235,31 +255,109 @@ impl SqliteStore {
 /// The single writer: drains the queue into one transaction per round.
 async fn run_writer(
     mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<WriteOp>,
+    mut rx: mpsc::Receiver<Queued>,
     memory: Arc<InMemory>,
 ) {
     let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
+    let mut positions = PendingPositions::default();
     while rx.recv_many(&mut ops, WRITES_PER_COMMIT).await > 0 {
-        // Purges can be long; they get a round of their own.
-        if let Some(pos) = ops
+        let mut flushes = Vec::new();
+        let mut written = Ok(());
+        let mut round = Vec::with_capacity(ops.len());
+        for op in ops.drain(..) {
+            match op {
+                Queued::Write(op) => round.push(op),
+                Queued::SavePosition {
+                    session,
+                    user,
+                    seq,
+                    now_ms,
+                } => positions.add(session, user, seq, now_ms),
+                Queued::Flush { reply } => flushes.push(reply),
+            }
+        }
+        // Purges can be long; they get a round of their own, after the
+        // positions (a purge makes memory forget them).
+        if let Some(pos) = round
             .iter()
             .position(|op| matches!(op, WriteOp::Purge { .. }))
         {
-            let rest = ops.split_off(pos + 1);
-            let purge = ops.pop();
-            if !ops.is_empty() {
-                commit_round(&mut conn, std::mem::take(&mut ops), &memory).await;
+            let rest = round.split_off(pos + 1);
+            let purge = round.pop();
+            if !round.is_empty() {
+                commit_round(&mut conn, std::mem::take(&mut round), &memory).await;
+            }
+            if let Err(e) = positions.write(&mut conn).await {
+                written = Err(e);
             }
             if let Some(purge) = purge {
                 commit_round(&mut conn, vec![purge], &memory).await;
                 memory.forget_all();
             }
-            ops = rest;
-            if ops.is_empty() {
-                continue;
+            round = rest;
+        }
+        if !round.is_empty() {
+            commit_round(&mut conn, round, &memory).await;
+        }
+        if let Err(e) = positions.write(&mut conn).await {
+            written = Err(e);
+        }
+        for reply in flushes {
+            let answer = match &written {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                    "cannot store session positions: {e}"
+                )))),
+            };
+            drop(reply.send(answer));
+        }
+    }
+}
+
+/// Positions saved since the writer last wrote them: the largest `seq` of
+/// each session.
+#[derive(Default)]
+struct PendingPositions {
+    by_session: HashMap<String, (String, i64, i64)>,
+}
+
+impl PendingPositions {
+    fn add(&mut self, session: String, user: String, seq: i64, now_ms: i64) {
+        let entry = self
+            .by_session
+            .entry(session)
+            .or_insert((user, seq, now_ms));
+        entry.1 = entry.1.max(seq);
+        entry.2 = entry.2.max(now_ms);
+    }
+
+    /// Store them all, a multi-row statement per [`ROWS_PER_INSERT`]. A
+    /// failure is logged: the sessions concerned get their last answer
+    /// again, which at-least-once delivery allows.
+    async fn write(&mut self, conn: &mut SqliteConnection) -> StoreResult<()> {
+        let pending: Vec<_> = self.by_session.drain().collect();
+        let mut outcome = Ok(());
+        for chunk in pending.chunks(ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO session_positions (session, mailbox, seq, updated_ms) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
+            }
+            sql.push_str(
+                " ON CONFLICT (session) DO UPDATE
+                 SET seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms",
+            );
+            let mut q = sqlx::query(&sql);
+            for (session, (user, seq, now_ms)) in chunk {
+                q = q.bind(session).bind(user).bind(*seq).bind(*now_ms);
+            }
+            if let Err(e) = q.execute(&mut *conn).await {
+                tracing::error!(error = %e, positions = chunk.len(), "cannot store session positions");
+                outcome = Err(StoreError::from(e));
             }
         }
-        commit_round(&mut conn, std::mem::take(&mut ops), &memory).await;
+        outcome
     }
 }
 
@@ -426,28 +524,6 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp, fresh: &mu
             reply,
             keep(in_savepoint!(c => release_due(c, now_ms)), fresh),
         ),
-        WriteOp::SavePosition {
-            session,
-            user,
-            seq,
-            now_ms,
-            reply,
-        } => {
-            let q = sqlx::query(
-                "INSERT INTO session_positions (session, mailbox, seq, updated_ms) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (session) DO UPDATE SET seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms",
-            )
-            .bind(session.clone())
-            .bind(user)
-            .bind(seq)
-            .bind(now_ms);
-            // One statement: atomic on its own, no savepoint needed.
-            let result = execute(conn, q).await;
-            if result.is_ok() {
-                fresh.positions.push((session, seq));
-            }
-            Done::Unit(reply, result)
-        }
         WriteOp::RevokeSession {
             jti,
             expires_ms,
@@ -870,15 +946,20 @@ impl MessageStore for SqliteStore {
         seq: i64,
         now_ms: i64,
     ) -> StoreResult<()> {
-        let (session, user) = (session.to_owned(), user.to_owned());
-        self.write(|reply| WriteOp::SavePosition {
-            session,
-            user,
-            seq,
-            now_ms,
-            reply,
-        })
-        .await
+        self.memory.positions.saved(session, seq);
+        self.writes
+            .send(Queued::SavePosition {
+                session: session.to_owned(),
+                user: user.to_owned(),
+                seq,
+                now_ms,
+            })
+            .await
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.ask(|reply| Queued::Flush { reply }).await
     }
 
     async fn revoke_session(&self, jti: &str, expires_ms: i64) -> StoreResult<()> {
@@ -1075,6 +1156,35 @@ mod tests {
         );
     }
 
+    /// Positions are written behind, many to a statement, the larger of
+    /// each session kept; after a flush the file holds every one.
+    #[tokio::test]
+    async fn positions_written_behind_are_in_the_file_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let sessions = ROWS_PER_INSERT + 5;
+        for s in 0..sessions {
+            let session = format!("s{s}");
+            store.save_position(&session, "a", 10, 1_000).await.unwrap();
+            store.save_position(&session, "a", 7, 1_001).await.unwrap();
+            if s % 100 == 0 {
+                store.accept(vec![plain("a", 1)], 1_000).await.unwrap();
+            }
+        }
+        store.save_position("s0", "a", 12, 1_002).await.unwrap();
+        store.flush().await.unwrap();
+        let in_file: Vec<(String, i64)> =
+            sqlx::query_as("SELECT session, seq FROM session_positions ORDER BY session")
+                .fetch_all(&store.reads)
+                .await
+                .unwrap();
+        assert_eq!(in_file.len(), sessions);
+        for (session, seq) in in_file {
+            assert_eq!(seq, if session == "s0" { 12 } else { 10 }, "{session}");
+        }
+    }
+
     #[tokio::test]
     async fn positions_are_known_in_memory_and_read_from_the_file_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -1086,6 +1196,7 @@ mod tests {
             assert_eq!(store.memory.positions.get("s1"), Known::Saved(5));
             assert_eq!(store.position("s1").await.unwrap(), Some(5));
             assert_eq!(store.memory.positions.get("s2"), Known::None);
+            store.flush().await.unwrap();
         }
         let store = SqliteStore::open(&url).await.unwrap();
         assert_eq!(store.memory.positions.get("s1"), Known::AskTheFile);

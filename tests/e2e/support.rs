@@ -150,6 +150,16 @@ impl Server {
     pub fn kill9_and_restart(mut self) -> Server {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+        self.start_again()
+    }
+
+    /// Stop with SIGTERM, as a clean shutdown, and start again on the same data.
+    pub fn sigterm_and_restart(mut self) -> Server {
+        assert_eq!(self.sigterm().0, Some(0), "pns did not exit cleanly");
+        self.start_again()
+    }
+
+    fn start_again(mut self) -> Server {
         let tmp = self._tmp.take();
         let mut s = Server::spawn(
             self.dir.clone(),
