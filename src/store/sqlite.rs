@@ -12,9 +12,9 @@
 //! answers most polls' reads from memory.
 //!
 //! Session positions are written behind: memory learns a position at once,
-//! and the writer stores the positions that came in during a round together,
-//! after that round's answers went out. A poll's answer never waits for a
-//! commit of its own; a crash can lose the last positions, and delivery is at
+//! and the writer stores the positions saved within 100 ms together, after a
+//! round's answers went out. A poll's answer never waits for a commit of its
+//! own; a crash can lose the last 100 ms of positions, and delivery is at
 //! least once: the sessions concerned get their last answer again.
 
 use super::positions::{Known, Positions};
@@ -260,7 +260,26 @@ async fn run_writer(
 ) {
     let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
     let mut positions = PendingPositions::default();
-    while rx.recv_many(&mut ops, WRITES_PER_COMMIT).await > 0 {
+    loop {
+        // `recv_many` is cancel-safe: a timeout loses nothing.
+        let received = match positions.due() {
+            None => rx.recv_many(&mut ops, WRITES_PER_COMMIT).await,
+            Some(due) => {
+                match tokio::time::timeout_at(due, rx.recv_many(&mut ops, WRITES_PER_COMMIT)).await
+                {
+                    Ok(received) => received,
+                    Err(_) => {
+                        let _ = positions.write(&mut conn).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        if received == 0 {
+            // The store is gone: write out what is left.
+            let _ = positions.write(&mut conn).await;
+            return;
+        }
         let mut flushes = Vec::new();
         let mut written = Ok(());
         let mut round = Vec::with_capacity(ops.len());
@@ -299,8 +318,10 @@ async fn run_writer(
         if !round.is_empty() {
             commit_round(&mut conn, round, &memory).await;
         }
-        if let Err(e) = positions.write(&mut conn).await {
-            written = Err(e);
+        if !flushes.is_empty() || positions.ready() {
+            if let Err(e) = positions.write(&mut conn).await {
+                written = Err(e);
+            }
         }
         for reply in flushes {
             let answer = match &written {
@@ -314,15 +335,23 @@ async fn run_writer(
     }
 }
 
+/// How long a saved position waits at most for others to be written with.
+/// A statement per round would cost about as much as the round's messages;
+/// a crash loses at most this much of the positions.
+const POSITIONS_LINGER: Duration = Duration::from_millis(100);
+
 /// Positions saved since the writer last wrote them: the largest `seq` of
 /// each session.
 #[derive(Default)]
 struct PendingPositions {
     by_session: HashMap<String, (String, i64, i64)>,
+    /// When the oldest of them was saved.
+    since: Option<tokio::time::Instant>,
 }
 
 impl PendingPositions {
     fn add(&mut self, session: String, user: String, seq: i64, now_ms: i64) {
+        self.since.get_or_insert_with(tokio::time::Instant::now);
         let entry = self
             .by_session
             .entry(session)
@@ -331,10 +360,22 @@ impl PendingPositions {
         entry.2 = entry.2.max(now_ms);
     }
 
+    /// When they must be written.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.since.map(|since| since + POSITIONS_LINGER)
+    }
+
+    /// Enough for a statement, or waited long enough.
+    fn ready(&self) -> bool {
+        self.by_session.len() >= ROWS_PER_INSERT
+            || self.due().is_some_and(|due| due <= tokio::time::Instant::now())
+    }
+
     /// Store them all, a multi-row statement per [`ROWS_PER_INSERT`]. A
     /// failure is logged: the sessions concerned get their last answer
     /// again, which at-least-once delivery allows.
     async fn write(&mut self, conn: &mut SqliteConnection) -> StoreResult<()> {
+        self.since = None;
         let pending: Vec<_> = self.by_session.drain().collect();
         let mut outcome = Ok(());
         for chunk in pending.chunks(ROWS_PER_INSERT) {
