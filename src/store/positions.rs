@@ -9,6 +9,9 @@
 //! through here; the ones saved earlier are summed up by a filter built at
 //! open that may answer "maybe" but never "no" wrongly. Only a "maybe"
 //! costs a read.
+//!
+//! It also holds the positions saved and not yet written: the writer takes
+//! them now and then and writes them together (see [`super::sqlite`]).
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -32,6 +35,16 @@ struct Inner {
     older: BloomFilter,
     /// Positions saved since open (or since the map last started again).
     kept: HashMap<String, i64>,
+    /// Positions saved and not yet taken by the writer.
+    unwritten: HashMap<String, Unwritten>,
+}
+
+/// A position to write: the session's user, its `seq`, and when it was saved.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unwritten {
+    pub user: String,
+    pub seq: i64,
+    pub saved_ms: i64,
 }
 
 /// What memory knows of a session's position.
@@ -54,6 +67,7 @@ impl Positions {
             inner: Mutex::new(Inner {
                 older,
                 kept: HashMap::new(),
+                unwritten: HashMap::new(),
             }),
         }
     }
@@ -63,6 +77,11 @@ impl Positions {
         // A saved position is never lower than the one in the file: the
         // file's was read before anything newer could be saved, and saving
         // keeps the larger.
+        // An unwritten position is the newest: the map may have forgotten
+        // it, and the file does not have it yet.
+        if let Some(u) = inner.unwritten.get(session) {
+            return Known::Saved(u.seq);
+        }
         match inner.kept.get(session) {
             Some(seq) => Known::Saved(*seq),
             None if inner.older.may_contain(session) => Known::AskTheFile,
@@ -70,14 +89,36 @@ impl Positions {
         }
     }
 
-    /// A position saved, on its way to the file (which keeps the larger).
-    pub fn saved(&self, session: &str, seq: i64) {
+    /// Save a position (the larger one wins, here and in the file); it waits
+    /// in memory for the writer. Returns how many positions wait now.
+    pub fn save(&self, session: &str, user: &str, seq: i64, saved_ms: i64) -> usize {
         let mut inner = self.lock();
         if inner.kept.len() >= MAX_KEPT && !inner.kept.contains_key(session) {
             inner.forget_all();
         }
         let kept = inner.kept.entry(session.to_owned()).or_insert(seq);
         *kept = (*kept).max(seq);
+        let seq = *kept;
+        match inner.unwritten.get_mut(session) {
+            Some(u) => {
+                u.seq = u.seq.max(seq);
+                u.saved_ms = u.saved_ms.max(saved_ms);
+            }
+            None => {
+                let u = Unwritten {
+                    user: user.to_owned(),
+                    seq,
+                    saved_ms,
+                };
+                inner.unwritten.insert(session.to_owned(), u);
+            }
+        }
+        inner.unwritten.len()
+    }
+
+    /// The positions waiting to be written, by session; none wait after.
+    pub fn take_unwritten(&self) -> HashMap<String, Unwritten> {
+        std::mem::take(&mut self.lock().unwritten)
     }
 
     /// Rows may have been deleted: ask the file about every known session.
@@ -153,18 +194,39 @@ mod tests {
     #[test]
     fn saved_positions_are_answered_and_only_grow() {
         let positions = Positions::new([]);
-        positions.saved("s", 5);
-        positions.saved("s", 3);
+        positions.save("s", "u", 5, 0);
+        positions.save("s", "u", 3, 0);
         assert_eq!(positions.get("s"), Known::Saved(5));
-        positions.saved("s", 9);
+        positions.save("s", "u", 9, 0);
         assert_eq!(positions.get("s"), Known::Saved(9));
     }
 
     #[test]
     fn forgotten_positions_are_asked_of_the_file() {
         let positions = Positions::new([]);
-        positions.saved("s", 5);
+        positions.save("s", "u", 5, 0);
+        positions.take_unwritten();
         positions.forget_all();
+        assert_eq!(positions.get("s"), Known::AskTheFile);
+    }
+
+    #[test]
+    fn unwritten_positions_outlive_forgetting_and_are_taken_once() {
+        let positions = Positions::new([]);
+        positions.save("s", "u", 5, 10);
+        assert_eq!(positions.save("s", "u", 3, 20), 1);
+        assert_eq!(positions.save("t", "v", 1, 30), 2);
+        positions.forget_all();
+        assert_eq!(positions.get("s"), Known::Saved(5));
+        let taken = positions.take_unwritten();
+        let s = Unwritten {
+            user: "u".into(),
+            seq: 5,
+            saved_ms: 20,
+        };
+        assert_eq!(taken.get("s"), Some(&s));
+        assert_eq!(taken.len(), 2);
+        assert!(positions.take_unwritten().is_empty());
         assert_eq!(positions.get("s"), Known::AskTheFile);
     }
 
@@ -172,9 +234,10 @@ mod tests {
     fn a_full_map_starts_again_without_losing_a_position() {
         let positions = Positions::new([]);
         for i in 0..MAX_KEPT {
-            positions.saved(&format!("s{i}"), 1);
+            positions.save(&format!("s{i}"), "u", 1, 0);
         }
-        positions.saved("one-more", 2);
+        positions.take_unwritten();
+        positions.save("one-more", "u", 2, 0);
         assert_eq!(positions.get("one-more"), Known::Saved(2));
         assert_eq!(positions.get("s0"), Known::AskTheFile);
         assert_eq!(

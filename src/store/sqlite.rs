@@ -11,11 +11,12 @@
 //! After each commit the writer hands the new rows to [`Recent`], which
 //! answers most polls' reads from memory.
 //!
-//! Session positions are written behind: memory learns a position at once,
-//! and the writer stores the positions saved within 100 ms together, after a
-//! round's answers went out. A poll's answer never waits for a commit of its
-//! own; a crash can lose the last 100 ms of positions, and delivery is at
-//! least once: the sessions concerned get their last answer again.
+//! Session positions are written behind: a position saved waits in
+//! [`Positions`], which answers for it at once, and the writer stores the
+//! positions saved within 100 ms together, after a round's answers went out.
+//! A poll's answer never waits for a commit of its own; a crash can lose the
+//! last 100 ms of positions, and delivery is at least once: the sessions
+//! concerned get their last answer again.
 
 use super::positions::{Known, Positions};
 use super::recent::Recent;
@@ -29,11 +30,11 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// Writes waiting at most in the writer's queue before callers wait their turn.
 const WRITE_QUEUE: usize = 4096;
@@ -118,14 +119,11 @@ enum WriteOp {
 enum Queued {
     /// A write its caller waits for, committed in the next round.
     Write(WriteOp),
-    /// Written behind: nobody waits for it (see the module comment).
-    SavePosition {
-        session: String,
-        user: String,
-        seq: i64,
-        now_ms: i64,
-    },
-    /// Answered once every position queued before it is in the file.
+    /// Positions wait in memory to be written (see the module comment):
+    /// the first of them (`now: false`, written within
+    /// [`POSITIONS_LINGER`]), or enough for a statement (`now: true`).
+    PositionsWaiting { now: bool },
+    /// Answered once every position saved before it is in the file.
     Flush {
         reply: oneshot::Sender<StoreResult<()>>,
     },
@@ -259,17 +257,19 @@ async fn run_writer(
     memory: Arc<InMemory>,
 ) {
     let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
-    let mut positions = PendingPositions::default();
+    // When the waiting positions must be written.
+    let mut positions_due: Option<Instant> = None;
     loop {
         // `recv_many` is cancel-safe: a timeout loses nothing.
-        let received = match positions.due() {
+        let received = match positions_due {
             None => rx.recv_many(&mut ops, WRITES_PER_COMMIT).await,
             Some(due) => {
                 match tokio::time::timeout_at(due, rx.recv_many(&mut ops, WRITES_PER_COMMIT)).await
                 {
                     Ok(received) => received,
                     Err(_) => {
-                        let _ = positions.write(&mut conn).await;
+                        positions_due = None;
+                        let _ = write_positions(&mut conn, &memory).await;
                         continue;
                     }
                 }
@@ -277,7 +277,7 @@ async fn run_writer(
         };
         if received == 0 {
             // The store is gone: write out what is left.
-            let _ = positions.write(&mut conn).await;
+            let _ = write_positions(&mut conn, &memory).await;
             return;
         }
         let mut flushes = Vec::new();
@@ -286,17 +286,15 @@ async fn run_writer(
         for op in ops.drain(..) {
             match op {
                 Queued::Write(op) => round.push(op),
-                Queued::SavePosition {
-                    session,
-                    user,
-                    seq,
-                    now_ms,
-                } => positions.add(session, user, seq, now_ms),
+                Queued::PositionsWaiting { now: true } => positions_due = Some(Instant::now()),
+                Queued::PositionsWaiting { now: false } => {
+                    positions_due.get_or_insert_with(|| Instant::now() + POSITIONS_LINGER);
+                }
                 Queued::Flush { reply } => flushes.push(reply),
             }
         }
         // Purges can be long; they get a round of their own, after the
-        // positions (a purge makes memory forget them).
+        // positions (a purge makes memory forget what the file has).
         if let Some(pos) = round
             .iter()
             .position(|op| matches!(op, WriteOp::Purge { .. }))
@@ -306,7 +304,7 @@ async fn run_writer(
             if !round.is_empty() {
                 commit_round(&mut conn, std::mem::take(&mut round), &memory).await;
             }
-            if let Err(e) = positions.write(&mut conn).await {
+            if let Err(e) = write_positions(&mut conn, &memory).await {
                 written = Err(e);
             }
             if let Some(purge) = purge {
@@ -318,8 +316,9 @@ async fn run_writer(
         if !round.is_empty() {
             commit_round(&mut conn, round, &memory).await;
         }
-        if !flushes.is_empty() || positions.ready() {
-            if let Err(e) = positions.write(&mut conn).await {
+        if !flushes.is_empty() || positions_due.is_some_and(|due| due <= Instant::now()) {
+            positions_due = None;
+            if let Err(e) = write_positions(&mut conn, &memory).await {
                 written = Err(e);
             }
         }
@@ -340,66 +339,33 @@ async fn run_writer(
 /// a crash loses at most this much of the positions.
 const POSITIONS_LINGER: Duration = Duration::from_millis(100);
 
-/// Positions saved since the writer last wrote them: the largest `seq` of
-/// each session.
-#[derive(Default)]
-struct PendingPositions {
-    by_session: HashMap<String, (String, i64, i64)>,
-    /// When the oldest of them was saved.
-    since: Option<tokio::time::Instant>,
-}
-
-impl PendingPositions {
-    fn add(&mut self, session: String, user: String, seq: i64, now_ms: i64) {
-        self.since.get_or_insert_with(tokio::time::Instant::now);
-        let entry = self
-            .by_session
-            .entry(session)
-            .or_insert((user, seq, now_ms));
-        entry.1 = entry.1.max(seq);
-        entry.2 = entry.2.max(now_ms);
-    }
-
-    /// When they must be written.
-    fn due(&self) -> Option<tokio::time::Instant> {
-        self.since.map(|since| since + POSITIONS_LINGER)
-    }
-
-    /// Enough for a statement, or waited long enough.
-    fn ready(&self) -> bool {
-        self.by_session.len() >= ROWS_PER_INSERT
-            || self.due().is_some_and(|due| due <= tokio::time::Instant::now())
-    }
-
-    /// Store them all, a multi-row statement per [`ROWS_PER_INSERT`]. A
-    /// failure is logged: the sessions concerned get their last answer
-    /// again, which at-least-once delivery allows.
-    async fn write(&mut self, conn: &mut SqliteConnection) -> StoreResult<()> {
-        self.since = None;
-        let pending: Vec<_> = self.by_session.drain().collect();
-        let mut outcome = Ok(());
-        for chunk in pending.chunks(ROWS_PER_INSERT) {
-            let mut sql = String::from(
-                "INSERT INTO session_positions (session, mailbox, seq, updated_ms) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
-            }
-            sql.push_str(
-                " ON CONFLICT (session) DO UPDATE
-                 SET seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms",
-            );
-            let mut q = sqlx::query(&sql);
-            for (session, (user, seq, now_ms)) in chunk {
-                q = q.bind(session).bind(user).bind(*seq).bind(*now_ms);
-            }
-            if let Err(e) = q.execute(&mut *conn).await {
-                tracing::error!(error = %e, positions = chunk.len(), "cannot store session positions");
-                outcome = Err(StoreError::from(e));
-            }
+/// Write the positions waiting in memory, a multi-row statement per
+/// [`ROWS_PER_INSERT`]. A failure is logged: the sessions concerned get
+/// their last answer again, which at-least-once delivery allows.
+async fn write_positions(conn: &mut SqliteConnection, memory: &InMemory) -> StoreResult<()> {
+    let waiting: Vec<_> = memory.positions.take_unwritten().into_iter().collect();
+    let mut outcome = Ok(());
+    for chunk in waiting.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO session_positions (session, mailbox, seq, updated_ms) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
         }
-        outcome
+        sql.push_str(
+            " ON CONFLICT (session) DO UPDATE
+             SET seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms",
+        );
+        let mut q = sqlx::query(&sql);
+        for (session, u) in chunk {
+            q = q.bind(session).bind(&u.user).bind(u.seq).bind(u.saved_ms);
+        }
+        if let Err(e) = q.execute(&mut *conn).await {
+            tracing::error!(error = %e, positions = chunk.len(), "cannot store session positions");
+            outcome = Err(StoreError::from(e));
+        }
     }
+    outcome
 }
 
 /// A reply held back until the round's commit is known.
@@ -987,14 +953,15 @@ impl MessageStore for SqliteStore {
         seq: i64,
         now_ms: i64,
     ) -> StoreResult<()> {
-        self.memory.positions.saved(session, seq);
+        // The writer hears of the first position waiting, and of enough
+        // for a statement; not of each.
+        let now = match self.memory.positions.save(session, user, seq, now_ms) {
+            1 => false,
+            ROWS_PER_INSERT => true,
+            _ => return Ok(()),
+        };
         self.writes
-            .send(Queued::SavePosition {
-                session: session.to_owned(),
-                user: user.to_owned(),
-                seq,
-                now_ms,
-            })
+            .send(Queued::PositionsWaiting { now })
             .await
             .map_err(|_| StoreError::WriterGone)
     }
