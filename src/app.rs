@@ -222,20 +222,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crate::server::Front::Lean,
         shutdown.clone(),
     ));
-    tasks.spawn(crate::threads::spawn(
-        "pns-internal",
-        crate::server::serve(
-            internal,
-            crate::http::internal_router(app.clone()),
-            crate::server::ConnLimits {
-                max_connections: 4096,
-                header_timeout: limits.header_timeout,
-                max_head_bytes: None,
-            },
-            crate::server::Front::Hyper,
-            shutdown.clone(),
-        ),
-    )?);
+    tasks.spawn(crate::threads::on_ingest_thread(crate::server::serve(
+        internal,
+        crate::http::internal_router(app.clone()),
+        crate::server::ConnLimits {
+            max_connections: 4096,
+            header_timeout: limits.header_timeout,
+            max_head_bytes: None,
+        },
+        crate::server::Front::Hyper,
+        shutdown.clone(),
+    ))?);
 
     // A listener that cannot go on stops the node too.
     tokio::select! {

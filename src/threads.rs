@@ -8,6 +8,10 @@
 //! acknowledged only after the answers they caused), and the SQLite writer
 //! (every commit would wait its turn). On threads of their own the kernel
 //! shares the CPU between them and the polls.
+//!
+//! The internal listener and the SQLite writer share one thread, the ingest
+//! thread: each notify goes from the one to the other and back, and each
+//! hand-off between two threads costs a wake-up of the other thread.
 
 use anyhow::Context;
 use std::future::Future;
@@ -33,5 +37,34 @@ pub fn spawn(
     Ok(async move {
         // Resolves with an error once `finished` is dropped: that is the signal.
         let _ = finished_rx.await;
+    })
+}
+
+/// Run `task` on the ingest thread (`pns-ingest`), made on first use. The
+/// returned future resolves once `task` has finished.
+pub fn on_ingest_thread(
+    task: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<impl Future<Output = ()>> {
+    static INGEST: std::sync::Mutex<Option<tokio::runtime::Handle>> = std::sync::Mutex::new(None);
+    let mut ingest = INGEST.lock().unwrap_or_else(|e| e.into_inner());
+    let handle = match &*ingest {
+        Some(handle) => handle.clone(),
+        None => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot build the runtime of pns-ingest")?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name("pns-ingest".to_owned())
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                .context("cannot start the thread pns-ingest")?;
+            *ingest = Some(handle.clone());
+            handle
+        }
+    };
+    let task = handle.spawn(task);
+    Ok(async move {
+        let _ = task.await;
     })
 }

@@ -183,12 +183,13 @@ impl SqliteStore {
         let writer_memory = memory.clone();
         // Its own thread: see crate::threads. It ends when the store is dropped.
         drop(
-            crate::threads::spawn("pns-sqlite-writer", run_writer(writer, rx, writer_memory))
-                .map_err(|e| {
+            crate::threads::on_ingest_thread(run_writer(writer, rx, writer_memory)).map_err(
+                |e| {
                     StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(format!(
                         "{e:#}"
                     ))))
-                })?,
+                },
+            )?,
         );
         Ok(SqliteStore {
             reads,
