@@ -17,7 +17,8 @@ have nginx || need_apt+=(nginx)
 [ -e /usr/share/nginx/modules-available/mod-http-nchan.conf ] || [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || need_apt+=(libnginx-mod-nchan)
 have promtool || need_apt+=(prometheus)
 # A real Dovecot delivering over LMTP with its push_notification driver.
-have dovecot || need_apt+=(dovecot-core dovecot-lmtpd)
+have dovecot || need_apt+=(dovecot-core)
+[ -x /usr/lib/dovecot/lmtp ] || need_apt+=(dovecot-lmtpd)
 
 # PostgreSQL: the cluster tests use postgres://postgres@127.0.0.1:5432/test.
 if have pg_isready && ! pg_isready -q -h 127.0.0.1 -p 5432; then
