@@ -181,7 +181,8 @@ impl SqliteStore {
         drop(with_position);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer_memory = memory.clone();
-        // Its own thread: see crate::threads. It ends when the store is dropped.
+        // On the ingest thread: see crate::threads. It ends when the store
+        // is dropped, after writing the positions still waiting.
         drop(
             crate::threads::on_ingest_thread(run_writer(writer, rx, writer_memory)).map_err(
                 |e| {
