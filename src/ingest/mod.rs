@@ -1,9 +1,10 @@
 //! Ingest: every way a message enters PNS ends here.
 //!
 //! [`Ingest::accept`] validates nothing (the callers' parsers do), stores the
-//! batch durably, then wakes the polls of the users who got visible news and
-//! tells the delay scheduler about delayed ones. Data flows one way from
-//! here: store, then hub, then poll answers.
+//! batch, wakes the polls of the users who got visible news as soon as the
+//! store shows it, tells the delay scheduler about delayed ones, and returns
+//! once the batch is durable: only then may a caller acknowledge it. Data
+//! flows one way from here: store, then hub, then poll answers.
 //!
 //! The ways in: the internal API (`crate::http::notify`), Dovecot's
 //! `push_notification` driver (`crate::http::dovecot`) and the [`maildir`]
@@ -76,7 +77,8 @@ impl Ingest {
         let now = crate::clock::now_ms();
         let users: Vec<String> = batch.iter().map(|m| m.user.clone()).collect();
         // A failure is counted by the metered store.
-        let outcomes = self.store.accept(batch, now).await?;
+        let acceptance = self.store.accept(batch, now).await?;
+        let outcomes = acceptance.outcomes;
         let mut report = AcceptReport {
             accepted: 0,
             duplicates: 0,
@@ -109,6 +111,7 @@ impl Ingest {
         if delayed {
             self.scheduler.reschedule();
         }
+        acceptance.durable.wait().await?;
         self.metrics
             .accepted(source, report.accepted as u64, report.duplicates as u64);
         Ok(report)

@@ -4,8 +4,8 @@
 //! Every method delegates; a new trait method must be added here too.
 
 use super::{
-    Accepted, MessageStore, NewMessage, OpaqueSession, PurgeReport, RetentionPolicy, Revocations,
-    SharedStore, StoreResult, StoredMessage,
+    Acceptance, Durable, MessageStore, NewMessage, OpaqueSession, PurgeReport, RetentionPolicy,
+    Revocations, SharedStore, StoreResult, StoredMessage,
 };
 use async_trait::async_trait;
 use prometheus_client::metrics::counter::Counter;
@@ -30,8 +30,20 @@ impl Metered {
 
 #[async_trait]
 impl MessageStore for Metered {
-    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Vec<Accepted>> {
-        self.count(self.inner.accept(batch, now_ms).await)
+    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Acceptance> {
+        let acceptance = self.count(self.inner.accept(batch, now_ms).await)?;
+        let errors = self.errors.clone();
+        let durable = acceptance.durable;
+        Ok(Acceptance {
+            outcomes: acceptance.outcomes,
+            durable: Durable::when(async move {
+                let r = durable.wait().await;
+                if r.is_err() {
+                    errors.inc();
+                }
+                r
+            }),
+        })
     }
 
     async fn fetch(

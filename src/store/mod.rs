@@ -3,8 +3,10 @@
 //! default) and PostgreSQL (the cluster store) behind it.
 //!
 //! Invariants every implementation keeps:
-//! - `accept` returns only once its messages are durable; a batch is stored
-//!   whole or not at all.
+//! - `accept` answers once its messages are visible to [`MessageStore::fetch`],
+//!   with an [`Acceptance`] whose `durable` resolves once they are durable;
+//!   nothing acknowledges them before that. A batch is stored whole or not
+//!   at all.
 //! - Per mailbox, the `seq` of visible messages grows in commit order, so a
 //!   reader that has seen `seq = n` never later finds a new message below `n`.
 //! - A delayed message gets its `seq` when it becomes due, not when accepted.
@@ -17,6 +19,7 @@ mod positions;
 mod postgres;
 mod recent;
 mod sqlite;
+mod wal_sync;
 
 pub use metered::Metered;
 
@@ -26,6 +29,8 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 /// A message as handed to the store by an ingest path, already validated.
@@ -46,6 +51,40 @@ pub enum Accepted {
     Stored { id: String, visible: bool },
     /// The (user, dedupKey) was already stored as message `id`.
     Duplicate { id: String },
+}
+
+/// What `accept` answers once the batch is visible.
+pub struct Acceptance {
+    /// One outcome per message, in order.
+    pub outcomes: Vec<Accepted>,
+    /// Resolves once the batch is durable: a power loss after that keeps it.
+    pub durable: Durable,
+}
+
+/// A store's word that a write is, or will be, durable. A store whose
+/// commit is durable gives [`Durable::now`]; the SQLite store makes a
+/// commit visible before its fsync (see `sqlite`), so that polls are not
+/// answered a disk flush late, and resolves this after the fsync.
+pub struct Durable(Pin<Box<dyn Future<Output = StoreResult<()>> + Send>>);
+
+impl Durable {
+    pub fn now() -> Self {
+        Durable(Box::pin(std::future::ready(Ok(()))))
+    }
+
+    pub fn when(durable: impl Future<Output = StoreResult<()>> + Send + 'static) -> Self {
+        Durable(Box::pin(durable))
+    }
+
+    pub async fn wait(self) -> StoreResult<()> {
+        self.0.await
+    }
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Durable")
+    }
 }
 
 /// A visible message as read back for a poll answer.
@@ -165,8 +204,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
-    /// Store a batch durably, all or nothing; one outcome per message, in order.
-    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Vec<Accepted>>;
+    /// Store a batch, all or nothing. Answers once it is visible to
+    /// [`fetch`](Self::fetch); its `durable` resolves once it is durable.
+    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Acceptance>;
 
     /// Visible messages of `user` with `seq > after_seq` and `visible_ms >=
     /// since_ms`, oldest first, at most `limit`.

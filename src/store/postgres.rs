@@ -41,8 +41,8 @@
 //! listening connection that died without a word.
 
 use super::{
-    new_message_id, Accepted, MessageStore, NewMessage, OpaqueSession, PurgeReport,
-    RetentionPolicy, Revocations, StoreError, StoreEvent, StoreResult, StoredMessage,
+    new_message_id, Acceptance, Accepted, Durable, MessageStore, NewMessage, OpaqueSession,
+    PurgeReport, RetentionPolicy, Revocations, StoreError, StoreEvent, StoreResult, StoredMessage,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -529,7 +529,7 @@ impl PgStore {
 
 #[async_trait]
 impl MessageStore for PgStore {
-    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Vec<Accepted>> {
+    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Acceptance> {
         let channel = self.prepared().await?;
         let ids: Vec<String> = batch.iter().map(|_| new_message_id()).collect();
         let mut out: Vec<Option<Accepted>> = vec![None; batch.len()];
@@ -656,8 +656,12 @@ impl MessageStore for PgStore {
             payloads.push(payload(&self.shared.node, Wire::Delayed));
         }
         notify(&mut tx, channel, &payloads).await?;
+        // A PostgreSQL commit is durable when it returns.
         tx.commit().await?;
-        Ok(out.into_iter().flatten().collect())
+        Ok(Acceptance {
+            outcomes: out.into_iter().flatten().collect(),
+            durable: Durable::now(),
+        })
     }
 
     async fn fetch(

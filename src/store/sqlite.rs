@@ -20,9 +20,10 @@
 
 use super::positions::{Known, Positions};
 use super::recent::Recent;
+use super::wal_sync::{SyncHealth, WalSync};
 use super::{
-    new_message_id, Accepted, MessageStore, NewMessage, OpaqueSession, PurgeReport,
-    RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
+    new_message_id, Acceptance, Accepted, Durable, MessageStore, NewMessage, OpaqueSession,
+    PurgeReport, RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
 };
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -30,7 +31,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -40,11 +41,20 @@ use tokio::time::Instant;
 const WRITE_QUEUE: usize = 4096;
 /// Writes committed together at most.
 const WRITES_PER_COMMIT: usize = 512;
+/// How far the message sequence jumps at every start. A round is visible
+/// before it is durable (see [`WalSync`]), so a power loss can take back
+/// rows that polls were shown, seqs included; were those seqs given again
+/// to other messages, a client whose cursor had passed them would skip
+/// those. The jump is far more than the rows of the rounds that may await
+/// a sync at once (`ROUNDS_AWAITING_SYNC` of at most `WRITES_PER_COMMIT`
+/// batches of 1,000).
+const SEQ_JUMP_AT_START: i64 = 1 << 32;
 
 pub struct SqliteStore {
     reads: SqlitePool,
     writes: mpsc::Sender<Queued>,
     memory: Arc<InMemory>,
+    sync_health: SyncHealth,
 }
 
 /// What the readers can learn without a read of the file; only the writer
@@ -75,13 +85,13 @@ impl InMemory {
     }
 }
 
-type AcceptReply = oneshot::Sender<StoreResult<Vec<Accepted>>>;
+type AcceptReply = oneshot::Sender<StoreResult<Acceptance>>;
 
 enum WriteOp {
     Accept {
         batch: Vec<NewMessage>,
         now_ms: i64,
-        reply: oneshot::Sender<StoreResult<Vec<Accepted>>>,
+        reply: AcceptReply,
     },
     ReleaseDue {
         now_ms: i64,
@@ -160,6 +170,34 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await?;
+        // Still with synchronous=FULL: durable before any poll is answered.
+        sqlx::query(
+            "INSERT INTO sqlite_sequence (name, seq)
+             SELECT 'messages', 0 WHERE NOT EXISTS
+                 (SELECT 1 FROM sqlite_sequence WHERE name = 'messages')",
+        )
+        .execute(&mut writer)
+        .await?;
+        sqlx::query("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'messages'")
+            .bind(SEQ_JUMP_AT_START)
+            .execute(&mut writer)
+            .await?;
+        // From here a commit is visible at once and durable once WalSync
+        // has synced the log.
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut writer)
+            .await?;
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        let sync = WalSync::start(Path::new(&wal)).map_err(|e| {
+            StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot open the write-ahead log {}: {e}",
+                    Path::new(&wal).display()
+                ),
+            )))
+        })?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
@@ -179,12 +217,13 @@ impl SqliteStore {
             positions: Positions::new(with_position.iter().map(String::as_str)),
         });
         drop(with_position);
+        let sync_health = sync.health();
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer_memory = memory.clone();
         // On the ingest thread: see crate::threads. It ends when the store
         // is dropped, after writing the positions still waiting.
         drop(
-            crate::threads::on_ingest_thread(run_writer(writer, rx, writer_memory)).map_err(
+            crate::threads::on_ingest_thread(run_writer(writer, rx, writer_memory, sync)).map_err(
                 |e| {
                     StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(format!(
                         "{e:#}"
@@ -196,6 +235,7 @@ impl SqliteStore {
             reads,
             writes: tx,
             memory,
+            sync_health,
         })
     }
 
@@ -252,11 +292,13 @@ impl SqliteStore {
     }
 }
 
-/// The single writer: drains the queue into one transaction per round.
+/// The single writer: drains the queue into one transaction per round, makes
+/// it visible, and hands to `sync` what waits for the round to be durable.
 async fn run_writer(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<Queued>,
     memory: Arc<InMemory>,
+    sync: WalSync,
 ) {
     let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
     // When the waiting positions must be written.
@@ -271,17 +313,23 @@ async fn run_writer(
                     Ok(received) => received,
                     Err(_) => {
                         positions_due = None;
+                        let slot = sync.slot().await;
                         let _ = write_positions(&mut conn, &memory).await;
+                        sync.after_sync(slot, Box::new(|_| {}));
                         continue;
                     }
                 }
             }
         };
         if received == 0 {
-            // The store is gone: write out what is left.
+            // The store is gone: write out what is left (`sync`, dropped
+            // after this, syncs it).
             let _ = write_positions(&mut conn, &memory).await;
             return;
         }
+        // Taken before the commit: at most ROUNDS_AWAITING_SYNC rounds are
+        // visible and not yet durable.
+        let slot = sync.slot().await;
         let mut flushes = Vec::new();
         let mut written = Ok(());
         let mut round = Vec::with_capacity(ops.len());
@@ -295,6 +343,26 @@ async fn run_writer(
                 Queued::Flush { reply } => flushes.push(reply),
             }
         }
+        if !sync.healthy() {
+            // Nothing can be made durable: refuse rather than show polls
+            // what no caller may be told is stored.
+            let why = Err(
+                "the store cannot sync its log since a failed sync; restart the node".to_owned(),
+            );
+            for op in round {
+                Done::refused(op).send(&why);
+            }
+            for reply in flushes {
+                Done::Unit(reply, Ok(())).send(&why);
+            }
+            continue;
+        }
+        let mut after_sync = Vec::new();
+        let commit = |(done, outcome): (Vec<Done>, Result<(), String>), after_sync: &mut _| {
+            for d in done {
+                Done::on_commit(d, &outcome, after_sync);
+            }
+        };
         // Purges can be long; they get a round of their own, after the
         // positions (a purge makes memory forget what the file has).
         if let Some(pos) = round
@@ -304,19 +372,28 @@ async fn run_writer(
             let rest = round.split_off(pos + 1);
             let purge = round.pop();
             if !round.is_empty() {
-                commit_round(&mut conn, std::mem::take(&mut round), &memory).await;
+                commit(
+                    commit_round(&mut conn, std::mem::take(&mut round), &memory).await,
+                    &mut after_sync,
+                );
             }
             if let Err(e) = write_positions(&mut conn, &memory).await {
                 written = Err(e);
             }
             if let Some(purge) = purge {
-                commit_round(&mut conn, vec![purge], &memory).await;
+                commit(
+                    commit_round(&mut conn, vec![purge], &memory).await,
+                    &mut after_sync,
+                );
                 memory.forget_all();
             }
             round = rest;
         }
         if !round.is_empty() {
-            commit_round(&mut conn, round, &memory).await;
+            commit(
+                commit_round(&mut conn, round, &memory).await,
+                &mut after_sync,
+            );
         }
         if !flushes.is_empty() || positions_due.is_some_and(|due| due <= Instant::now()) {
             positions_due = None;
@@ -331,8 +408,16 @@ async fn run_writer(
                     "cannot store session positions: {e}"
                 )))),
             };
-            drop(reply.send(answer));
+            after_sync.push(Done::Unit(reply, answer));
         }
+        sync.after_sync(
+            slot,
+            Box::new(move |synced| {
+                for d in after_sync {
+                    d.send(synced);
+                }
+            }),
+        );
     }
 }
 
@@ -372,10 +457,7 @@ async fn write_positions(conn: &mut SqliteConnection, memory: &InMemory) -> Stor
 
 /// A reply held back until the round's commit is known.
 enum Done {
-    Accept(
-        oneshot::Sender<StoreResult<Vec<Accepted>>>,
-        StoreResult<Vec<Accepted>>,
-    ),
+    Accept(AcceptReply, StoreResult<Vec<Accepted>>),
     Users(
         oneshot::Sender<StoreResult<Vec<String>>>,
         StoreResult<Vec<String>>,
@@ -393,18 +475,64 @@ enum Done {
 }
 
 impl Done {
-    fn send(self, commit: &Result<(), String>) {
-        fn pick<T>(r: StoreResult<T>, commit: &Result<(), String>) -> StoreResult<T> {
-            match commit {
+    /// `op`, not carried out, to be answered with a failure.
+    fn refused(op: WriteOp) -> Done {
+        match op {
+            WriteOp::Accept { reply, .. } => Done::Accept(reply, Ok(Vec::new())),
+            WriteOp::ReleaseDue { reply, .. } => Done::Users(reply, Ok(Vec::new())),
+            WriteOp::RevokeSession { reply, .. } | WriteOp::RevokeMailbox { reply, .. } => {
+                Done::Unit(reply, Ok(()))
+            }
+            WriteOp::Purge { reply, .. } => Done::Purge(reply, Ok(PurgeReport::default())),
+            WriteOp::RegisterOpaque { reply, .. } => {
+                Done::Opaque(reply, Err(StoreError::WriterGone))
+            }
+            WriteOp::DeleteOpaque { reply, .. } => Done::Flag(reply, Ok(false)),
+        }
+    }
+
+    /// Once the round's commit is known: answer what may be answered while
+    /// the round is visible but not yet synced (an accept's outcomes and a
+    /// release, and any failure); put what must wait for the sync in
+    /// `after_sync`, an accept's word that it is durable among them.
+    fn on_commit(self, commit: &Result<(), String>, after_sync: &mut Vec<Done>) {
+        if commit.is_err() {
+            return self.send(commit);
+        }
+        match self {
+            Done::Accept(tx, Ok(outcomes)) => {
+                let (durable_tx, durable_rx) = oneshot::channel();
+                let durable =
+                    Durable::when(
+                        async move { durable_rx.await.map_err(|_| StoreError::WriterGone)? },
+                    );
+                drop(tx.send(Ok(Acceptance { outcomes, durable })));
+                after_sync.push(Done::Unit(durable_tx, Ok(())));
+            }
+            // Rows that were durable as delayed messages: a release lost
+            // with a power loss is made again.
+            done @ (Done::Accept(_, Err(_)) | Done::Users(..)) => done.send(commit),
+            done => after_sync.push(done),
+        }
+    }
+
+    /// Answer; `outcome` is the round's commit or sync, `Err` saying why it
+    /// failed.
+    fn send(self, outcome: &Result<(), String>) {
+        fn pick<T>(r: StoreResult<T>, outcome: &Result<(), String>) -> StoreResult<T> {
+            match outcome {
                 Ok(()) => r,
-                Err(e) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                    "commit failed: {e}"
-                )))),
+                Err(e) => Err(StoreError::Database(sqlx::Error::Protocol(e.clone()))),
             }
         }
         // A caller that went away no longer needs its answer.
+        let commit = outcome;
         match self {
-            Done::Accept(tx, r) => drop(tx.send(pick(r, commit))),
+            // Reached with a failure only: `on_commit` answers a stored accept.
+            Done::Accept(tx, r) => drop(tx.send(pick(r, commit).map(|outcomes| Acceptance {
+                outcomes,
+                durable: Durable::now(),
+            }))),
             Done::Users(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
             Done::Purge(tx, r) => drop(tx.send(pick(r, commit))),
@@ -414,10 +542,14 @@ impl Done {
     }
 }
 
-/// One transaction for `ops`; then, in this order, `memory` learns what it
-/// changed and the callers get their answers, so a poll woken by an answer
-/// finds the rows there.
-async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, memory: &InMemory) {
+/// One transaction for `ops`; then `memory` learns what it changed, before
+/// any caller hears of it, so a poll woken by an answer finds the rows
+/// there. Returns the answers, for [`Done::on_commit`].
+async fn commit_round(
+    conn: &mut SqliteConnection,
+    ops: Vec<WriteOp>,
+    memory: &InMemory,
+) -> (Vec<Done>, Result<(), String>) {
     let mut done = Vec::with_capacity(ops.len());
     let mut fresh = Fresh::default();
     if only_plain_accepts(&ops) {
@@ -433,10 +565,7 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, memory: &I
         });
         insert_plain_group(conn, group.collect(), &mut done, &mut fresh.rows).await;
         memory.learn(fresh);
-        for d in done {
-            d.send(&Ok(()));
-        }
-        return;
+        return (done, Ok(()));
     }
     let commit = match conn.begin().await {
         Err(e) => Err(e.to_string()),
@@ -487,9 +616,7 @@ async fn commit_round(conn: &mut SqliteConnection, ops: Vec<WriteOp>, memory: &I
         Ok(()) => memory.learn(fresh),
         Err(e) => tracing::error!(error = %e, "sqlite commit failed"),
     }
-    for d in done {
-        d.send(&commit);
-    }
+    (done, commit.map_err(|e| format!("commit failed: {e}")))
 }
 
 /// Apply `op` in a savepoint of its own; what it changed joins `fresh` only
@@ -900,7 +1027,7 @@ async fn purge(
 
 #[async_trait]
 impl MessageStore for SqliteStore {
-    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Vec<Accepted>> {
+    async fn accept(&self, batch: Vec<NewMessage>, now_ms: i64) -> StoreResult<Acceptance> {
         self.write(|reply| WriteOp::Accept {
             batch,
             now_ms,
@@ -1063,6 +1190,11 @@ impl MessageStore for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
+        if !self.sync_health.ok() {
+            return Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::other("a sync of the write-ahead log failed; restart the node"),
+            )));
+        }
         sqlx::query("SELECT 1")
             .execute(&self.reads)
             .await
@@ -1164,6 +1296,44 @@ mod tests {
                 .map(|f| f.len()),
             Some(0)
         );
+    }
+
+    /// Rows are visible before they are synced, so a power loss could take
+    /// back seqs that polls were shown: each start begins far above them.
+    #[tokio::test]
+    async fn the_sequence_jumps_at_every_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        async fn seq_of_new(store: &SqliteStore, user: &str) -> i64 {
+            store.fetch(user, 0, 0, 10).await.unwrap()[0].seq
+        }
+        let first = {
+            let store = SqliteStore::open(&url).await.unwrap();
+            let accepted = store.accept(vec![plain("a", 1)], 1_000).await.unwrap();
+            accepted.durable.wait().await.unwrap();
+            seq_of_new(&store, "a").await
+        };
+        assert!(
+            first > SEQ_JUMP_AT_START,
+            "a fresh file starts past the jump"
+        );
+        let store = SqliteStore::open(&url).await.unwrap();
+        let accepted = store.accept(vec![plain("b", 2)], 2_000).await.unwrap();
+        accepted.durable.wait().await.unwrap();
+        let second = seq_of_new(&store, "b").await;
+        assert!(
+            second > first + SEQ_JUMP_AT_START,
+            "seq {second} after a restart, {first} before"
+        );
+        // A cursor from before the restart still finds what came after it.
+        let after: Vec<i64> = store
+            .fetch("b", first, 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(after, vec![second]);
     }
 
     /// Positions are written behind, many to a statement, the larger of

@@ -1,0 +1,194 @@
+//! The SQLite store's fsync, on a thread of its own (`pns-wal-sync`).
+//!
+//! The writer commits with `synchronous=NORMAL`: when a commit returns, its
+//! frames are in the write-ahead log, in the kernel's page cache. That
+//! survives the process being killed, not a power loss. The writer makes
+//! each round visible at once, so a poll is answered without waiting for
+//! the disk, and hands here what must wait until the round is durable: the
+//! notifies' acknowledgements and every other write's answer. This thread
+//! syncs the log once for all the rounds handed over since its last sync,
+//! which is what `synchronous=FULL` does at each commit, and then answers
+//! them. WAL frames are recovered in order, so a synced round is durable
+//! with every round before it.
+//!
+//! After a failed sync the kernel may have dropped the pages it could not
+//! write and reports the error only once; so from then on every answer is
+//! an error until the node restarts.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Rounds committed but not yet synced, at most: the writer waits for a
+/// sync beyond. Bounds the rows a power loss can take back after polls were
+/// shown them (see `SEQ_JUMP_AT_START` in `sqlite`).
+pub const ROUNDS_AWAITING_SYNC: usize = 64;
+
+/// What a round answers once synced: `Ok`, or why the sync failed.
+pub type AfterSync = Box<dyn FnOnce(&Result<(), String>) + Send>;
+
+/// A round's place among the [`ROUNDS_AWAITING_SYNC`].
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Round {
+    answer: AfterSync,
+    _slot: Slot,
+}
+
+pub struct WalSync {
+    rounds: mpsc::Sender<Round>,
+    slots: Arc<Semaphore>,
+    failed: Arc<AtomicBool>,
+}
+
+impl WalSync {
+    /// Start the thread that syncs the log at `wal` (the database file's
+    /// name with `-wal` appended, which SQLite keeps while a connection is
+    /// open). The thread syncs once more and ends when this is dropped.
+    pub fn start(wal: &Path) -> std::io::Result<WalSync> {
+        let file = File::options().read(true).write(true).open(wal)?;
+        let (rounds, queue) = mpsc::channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        let thread_failed = failed.clone();
+        std::thread::Builder::new()
+            .name("pns-wal-sync".to_owned())
+            .spawn(move || run(file, queue, &thread_failed))?;
+        Ok(WalSync {
+            rounds,
+            slots: Arc::new(Semaphore::new(ROUNDS_AWAITING_SYNC)),
+            failed,
+        })
+    }
+
+    /// Wait for a round's place; take it before committing the round.
+    pub async fn slot(&self) -> Slot {
+        match self.slots.clone().acquire_owned().await {
+            Ok(permit) => Slot { _permit: permit },
+            // The semaphore is never closed.
+            Err(_) => unreachable!("the sync slots are never closed"),
+        }
+    }
+
+    /// Answer with `answer` once everything committed so far is synced.
+    pub fn after_sync(&self, slot: Slot, answer: AfterSync) {
+        if let Err(mpsc::SendError(round)) = self.rounds.send(Round {
+            answer,
+            _slot: slot,
+        }) {
+            (round.answer)(&Err("the log's sync thread has stopped".to_owned()));
+        }
+    }
+
+    /// False once a sync has failed: the store cannot promise durability
+    /// until the node restarts.
+    pub fn healthy(&self) -> bool {
+        self.health().ok()
+    }
+
+    pub fn health(&self) -> SyncHealth {
+        SyncHealth(self.failed.clone())
+    }
+}
+
+/// Whether the log still syncs, for readiness.
+#[derive(Clone)]
+pub struct SyncHealth(Arc<AtomicBool>);
+
+impl SyncHealth {
+    pub fn ok(&self) -> bool {
+        !self.0.load(Ordering::Relaxed)
+    }
+}
+
+fn run(wal: File, queue: mpsc::Receiver<Round>, failed: &AtomicBool) {
+    let mut failure: Option<String> = None;
+    while let Ok(first) = queue.recv() {
+        // Every round handed over meanwhile shares this sync.
+        let rounds: Vec<Round> = std::iter::once(first).chain(queue.try_iter()).collect();
+        let outcome = match &failure {
+            Some(why) => Err(why.clone()),
+            None => wal.sync_data().map_err(|e| {
+                let why = format!("cannot sync the write-ahead log: {e}");
+                tracing::error!(error = %e, "cannot sync the write-ahead log; the store refuses writes until the node restarts");
+                failed.store(true, Ordering::Relaxed);
+                failure = Some(why.clone());
+                why
+            }),
+        };
+        for round in rounds {
+            (round.answer)(&outcome);
+        }
+    }
+    if failure.is_none() {
+        let _ = wal.sync_data();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn started() -> (tempfile::TempDir, WalSync) {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pns.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        let sync = WalSync::start(&wal).unwrap();
+        (dir, sync)
+    }
+
+    /// The bound `SEQ_JUMP_AT_START` relies on: with every slot taken by a
+    /// round not yet synced, the writer cannot start another round.
+    #[tokio::test]
+    async fn no_more_than_the_bound_of_rounds_await_a_sync() {
+        let (_dir, sync) = started();
+        let mut held = Vec::new();
+        for _ in 0..ROUNDS_AWAITING_SYNC {
+            held.push(sync.slot().await);
+        }
+        let waiting = tokio::time::timeout(Duration::from_millis(200), sync.slot()).await;
+        assert!(waiting.is_err(), "a round beyond the bound got a slot");
+
+        let (answered, answer) = tokio::sync::oneshot::channel();
+        let first = held.remove(0);
+        sync.after_sync(
+            first,
+            Box::new(move |synced| drop(answered.send(synced.clone()))),
+        );
+        assert_eq!(answer.await.unwrap(), Ok(()));
+        // The synced round gave its slot back.
+        tokio::time::timeout(Duration::from_secs(10), sync.slot())
+            .await
+            .expect("a slot once a round was synced");
+    }
+
+    #[tokio::test]
+    async fn every_round_handed_over_is_answered_in_order() {
+        let (_dir, sync) = started();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (all, done) = tokio::sync::oneshot::channel();
+        let mut all = Some(all);
+        for i in 0..10 {
+            let slot = sync.slot().await;
+            let order = order.clone();
+            let last = if i == 9 { all.take() } else { None };
+            sync.after_sync(
+                slot,
+                Box::new(move |synced| {
+                    assert_eq!(synced, &Ok(()));
+                    order.lock().unwrap().push(i);
+                    if let Some(last) = last {
+                        let _ = last.send(());
+                    }
+                }),
+            );
+        }
+        done.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), (0..10).collect::<Vec<_>>());
+        assert!(sync.healthy());
+    }
+}
