@@ -10,16 +10,35 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
     // The main runtime holds the public polls. The ingest thread (the
-    // internal listener and the SQLite writer), SQLite's own thread and the
+    // internal listener and the SQLite writer), SQLite's own threads and the
     // accepting thread take a core between them, so by default the polls get
-    // the others; TOKIO_WORKER_THREADS still decides when it is set.
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        runtime.worker_threads(cores.saturating_sub(1).max(1));
-    }
+    // the others; TOKIO_WORKER_THREADS still decides when it is set. When
+    // that leaves them one thread, it is a current-thread runtime: the same
+    // one thread as a multi-thread runtime of one worker, without the
+    // machinery for sharing work between workers, which cost about a tenth
+    // of the CPU of each delivery.
+    let workers = match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(n) => match n.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!("pns: TOKIO_WORKER_THREADS must be a whole number above 0, not {n:?}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        Err(_) => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1)
+            .max(1),
+    };
+    let mut runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut multi = tokio::runtime::Builder::new_multi_thread();
+        multi.worker_threads(workers);
+        multi
+    };
+    runtime.enable_all();
     match runtime.build() {
         Ok(runtime) => runtime.block_on(run()),
         Err(e) => {
