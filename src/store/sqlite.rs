@@ -22,7 +22,7 @@
 
 use super::positions::{Known, Positions};
 use super::recent::Recent;
-use super::wal_sync::{SyncHealth, WalSync};
+use super::wal_sync::{SyncHealth, WalSync, SYNC_NOW};
 use super::{
     new_message_id, Acceptance, Accepted, Durable, MessageStore, NewMessage, OpaqueSession,
     PurgeReport, RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
@@ -332,7 +332,7 @@ async fn run_writer(
                         positions_due = None;
                         let slot = sync.slot().await;
                         let _ = write_positions(&mut conn, &memory).await;
-                        sync.after_sync(slot, Box::new(|_| {}));
+                        sync.after_sync(slot, 0, Box::new(|_| {}));
                         continue;
                     }
                 }
@@ -374,6 +374,18 @@ async fn run_writer(
             }
             continue;
         }
+        // A flush is a shutdown waiting; a batch is as many messages waiting.
+        let waiting = if flushes.is_empty() {
+            round
+                .iter()
+                .map(|op| match op {
+                    WriteOp::Accept { batch, .. } => batch.len(),
+                    _ => 1,
+                })
+                .sum()
+        } else {
+            SYNC_NOW
+        };
         let mut after_sync = Vec::new();
         let commit = |(done, outcome): (Vec<Done>, Result<(), String>), after_sync: &mut _| {
             for d in done {
@@ -429,6 +441,7 @@ async fn run_writer(
         }
         sync.after_sync(
             slot,
+            waiting,
             Box::new(move |synced| {
                 for d in after_sync {
                     d.send(synced);
