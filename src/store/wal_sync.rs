@@ -221,6 +221,31 @@ mod tests {
             .expect("a slot once a round was synced");
     }
 
+    /// A sync that fails (here: a FIFO, which cannot be synced) fails every
+    /// round after it too, and marks the store unhealthy.
+    #[tokio::test]
+    async fn after_a_failed_sync_every_round_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pns.db-wal");
+        let path = std::ffi::CString::new(wal.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path of our own.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let sync = WalSync::start(&wal, 0).unwrap();
+        assert!(sync.healthy());
+        for _ in 0..2 {
+            let (answered, answer) = tokio::sync::oneshot::channel();
+            sync.after_sync(
+                sync.slot().await,
+                SYNC_NOW,
+                Box::new(move |synced| drop(answered.send(synced.clone()))),
+            );
+            let why = answer.await.unwrap().unwrap_err();
+            assert!(why.contains("cannot sync the write-ahead log"), "{why}");
+        }
+        assert!(!sync.healthy());
+        assert!(!sync.health().ok());
+    }
+
     #[tokio::test]
     async fn every_round_handed_over_is_answered_in_order() {
         let (_dir, sync) = started();
