@@ -539,8 +539,9 @@ impl Done {
                 drop(tx.send(Ok(Acceptance { outcomes, durable })));
                 after_sync.push(Done::Unit(durable_tx, Ok(())));
             }
-            // Rows that were durable as delayed messages: a release lost
-            // with a power loss is made again.
+            // A refused accept stored nothing. A release moves rows that are
+            // durable as delayed messages: lost with a power loss, it is
+            // made again.
             done @ (Done::Accept(_, Err(_)) | Done::Users(..)) => done.send(commit),
             done => after_sync.push(done),
         }
@@ -556,18 +557,17 @@ impl Done {
             }
         }
         // A caller that went away no longer needs its answer.
-        let commit = outcome;
         match self {
             // Reached with a failure only: `on_commit` answers a stored accept.
-            Done::Accept(tx, r) => drop(tx.send(pick(r, commit).map(|outcomes| Acceptance {
+            Done::Accept(tx, r) => drop(tx.send(pick(r, outcome).map(|outcomes| Acceptance {
                 outcomes,
                 durable: Durable::now(),
             }))),
-            Done::Users(tx, r) => drop(tx.send(pick(r, commit))),
-            Done::Unit(tx, r) => drop(tx.send(pick(r, commit))),
-            Done::Purge(tx, r) => drop(tx.send(pick(r, commit))),
-            Done::Opaque(tx, r) => drop(tx.send(pick(r, commit))),
-            Done::Flag(tx, r) => drop(tx.send(pick(r, commit))),
+            Done::Users(tx, r) => drop(tx.send(pick(r, outcome))),
+            Done::Unit(tx, r) => drop(tx.send(pick(r, outcome))),
+            Done::Purge(tx, r) => drop(tx.send(pick(r, outcome))),
+            Done::Opaque(tx, r) => drop(tx.send(pick(r, outcome))),
+            Done::Flag(tx, r) => drop(tx.send(pick(r, outcome))),
         }
     }
 }
