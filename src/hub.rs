@@ -80,12 +80,12 @@ struct Proof {
 
 #[derive(Default)]
 struct Shard {
-    users: HashMap<Arc<str>, UserState>,
+    users: foldhash::HashMap<Arc<str>, UserState>,
 }
 
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     /// Parked polls' ids and user entries' generations, from one counter.
     next_id: AtomicU64,
     held: AtomicUsize,

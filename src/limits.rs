@@ -8,7 +8,7 @@
 //! bucket), and if none has, the least recently used one goes.
 
 use crate::config::Rate;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ struct Bucket {
 pub struct RateLimiter<K> {
     rate: Rate,
     shards: Box<[Mutex<HashMap<K, Bucket>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     per_shard: usize,
 }
 

@@ -7,13 +7,14 @@
 //! `other`, so a client cannot grow the scrape without end.
 
 use crate::ingest::Source;
+use foldhash::HashSet;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Mutex, RwLock};
 
 /// Distinct `comeFrom` label values at most; later ones count as `other`.

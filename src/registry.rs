@@ -10,7 +10,7 @@
 //! How many polls a session holds now is the hub's to say, not the registry's.
 
 use crate::session::Session;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
@@ -38,7 +38,7 @@ pub struct SessionActivity {
 
 pub struct SessionRegistry {
     shards: Box<[Mutex<HashMap<String, SessionActivity>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     per_shard: usize,
     idle_ms: i64,
 }

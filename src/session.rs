@@ -8,10 +8,10 @@
 //! store.
 
 use crate::store::{Revocations, SharedStore, StoreResult};
+use foldhash::HashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::sync::RwLock;
 
 /// Clock skew tolerated on `exp`, in seconds.

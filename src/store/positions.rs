@@ -13,8 +13,8 @@
 //! It also holds the positions saved and not yet written: the writer takes
 //! them now and then and writes them together (see [`super::sqlite`]).
 
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use foldhash::fast::RandomState;
+use foldhash::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
@@ -66,8 +66,8 @@ impl Positions {
         Positions {
             inner: Mutex::new(Inner {
                 older,
-                kept: HashMap::new(),
-                unwritten: HashMap::new(),
+                kept: HashMap::default(),
+                unwritten: HashMap::default(),
             }),
         }
     }
@@ -152,7 +152,7 @@ impl BloomFilter {
     fn new() -> Self {
         BloomFilter {
             bits: vec![0; FILTER_BITS / 64],
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 

@@ -15,7 +15,8 @@
 //! the purge may have deleted any row here.
 
 use super::StoredMessage;
-use std::collections::{HashMap, VecDeque};
+use foldhash::HashMap;
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 /// Messages kept at most.
@@ -53,7 +54,7 @@ impl Recent {
                 floor_visible_ms: top_visible_ms,
                 top: top_seq,
                 top_visible_ms,
-                by_mailbox: HashMap::new(),
+                by_mailbox: HashMap::default(),
                 order: VecDeque::new(),
                 data_bytes: 0,
                 broken: false,
