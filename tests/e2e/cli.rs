@@ -147,6 +147,15 @@ async fn bad_configuration_is_refused_with_a_reason() {
     let (code, _, err) = pns(dir.path(), &["serve"], &[("PNS_JWT_SECRET", "short")]);
     assert_ne!(code, 0);
     assert!(err.contains("PNS_JWT_SECRET"), "{err}");
+    for threads in ["0", "two"] {
+        let (code, _, err) = pns(dir.path(), &["serve"], &[("TOKIO_WORKER_THREADS", threads)]);
+        assert_ne!(code, 0);
+        assert!(
+            err.contains("TOKIO_WORKER_THREADS must be a whole number above 0"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 #[tokio::test]
