@@ -19,6 +19,7 @@ mod positions;
 mod postgres;
 mod recent;
 mod sqlite;
+mod sqlite_direct;
 mod wal_sync;
 
 pub use metered::Metered;

@@ -11,7 +11,9 @@
 //! notifies queued together go in as one multi-row INSERT. Reads use a
 //! separate pool of connections, which WAL mode lets run beside the writer.
 //! After each commit the writer hands the new rows to [`Recent`], which
-//! answers most polls' reads from memory.
+//! answers most polls' reads from memory. The writes that come by the
+//! thousand, plain messages and positions, skip sqlx's worker thread: the
+//! writer borrows the connection's handle and runs them itself ([`Direct`]).
 //!
 //! Session positions are written behind: a position saved waits in
 //! [`Positions`], which answers for it at once, and the writer stores the
@@ -22,6 +24,7 @@
 
 use super::positions::{Known, Positions};
 use super::recent::Recent;
+use super::sqlite_direct::{Direct, PositionRow};
 use super::wal_sync::{SyncHealth, WalSync, SYNC_NOW};
 use super::{
     new_message_id, Acceptance, Accepted, Durable, MessageStore, NewMessage, OpaqueSession,
@@ -311,51 +314,159 @@ impl SqliteStore {
 
 /// The single writer: drains the queue into one transaction per round, makes
 /// it visible, and hands to `sync` what waits for the round to be durable.
+///
+/// While the rounds hold nothing but plain messages (and positions), the
+/// writer keeps the connection's handle lent from sqlx's worker thread and
+/// runs them on its own thread ([`Direct`]); a round with any other write
+/// hands the connection back and goes through sqlx.
 async fn run_writer(
     mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<Queued>,
+    rx: mpsc::Receiver<Queued>,
     memory: Arc<InMemory>,
     sync: WalSync,
 ) {
-    let mut ops = Vec::with_capacity(WRITES_PER_COMMIT);
-    // When the waiting positions must be written.
-    let mut positions_due: Option<Instant> = None;
+    let mut writer = Writer {
+        rx,
+        memory,
+        sync,
+        ops: Vec::with_capacity(WRITES_PER_COMMIT),
+        positions_due: None,
+    };
+    // False once lending the handle failed: sqlx does everything then.
+    let mut lend = true;
+    let mut event = writer.next_event().await;
     loop {
-        // `recv_many` is cancel-safe: a timeout loses nothing.
-        let received = match positions_due {
-            None => rx.recv_many(&mut ops, WRITES_PER_COMMIT).await,
-            Some(due) => {
-                match tokio::time::timeout_at(due, rx.recv_many(&mut ops, WRITES_PER_COMMIT)).await
-                {
-                    Ok(received) => received,
-                    Err(_) => {
-                        positions_due = None;
-                        let slot = sync.slot().await;
-                        let _ = write_positions(&mut conn, &memory).await;
-                        sync.after_sync(slot, 0, Box::new(|_| {}));
-                        continue;
-                    }
+        if lend && !writer.needs_sqlx(&event) {
+            match conn.lock_handle().await {
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot lend the SQLite handle to the writer");
+                    lend = false;
                 }
+                Ok(mut handle) => match Direct::prepare(&mut handle) {
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot prepare the writer's statements");
+                        lend = false;
+                    }
+                    Ok(mut direct) => loop {
+                        if !writer.handle(&mut Exec::Direct(&mut direct), event).await {
+                            return;
+                        }
+                        event = writer.next_event().await;
+                        if writer.needs_sqlx(&event) {
+                            break;
+                        }
+                    },
+                },
             }
-        };
-        if received == 0 {
-            // The store is gone: write out what is left (`sync`, dropped
-            // after this, syncs it).
-            let _ = write_positions(&mut conn, &memory).await;
+            if lend {
+                // The handle went back to sqlx for `event`.
+                continue;
+            }
+        }
+        if !writer.handle(&mut Exec::Sqlx(&mut conn), event).await {
             return;
         }
+        event = writer.next_event().await;
+    }
+}
+
+/// Where a round's statements run.
+enum Exec<'a, 'h> {
+    /// Through sqlx, on its worker thread: any write.
+    Sqlx(&'a mut SqliteConnection),
+    /// On the writer's thread, through the lent handle: plain messages and
+    /// positions only.
+    Direct(&'a mut Direct<'h>),
+}
+
+/// What the writer's queue gave.
+enum Event {
+    /// Writes, in [`Writer::ops`].
+    Ops,
+    /// The waiting positions are due to be written.
+    PositionsDue,
+    /// The store is gone.
+    Closed,
+}
+
+/// The writer's state between rounds.
+struct Writer {
+    rx: mpsc::Receiver<Queued>,
+    memory: Arc<InMemory>,
+    sync: WalSync,
+    /// The round being taken from the queue.
+    ops: Vec<Queued>,
+    /// When the waiting positions must be written.
+    positions_due: Option<Instant>,
+}
+
+impl Writer {
+    async fn next_event(&mut self) -> Event {
+        // `recv_many` is cancel-safe: a timeout loses nothing.
+        let receive = self.rx.recv_many(&mut self.ops, WRITES_PER_COMMIT);
+        let received = match self.positions_due {
+            None => receive.await,
+            Some(due) => match tokio::time::timeout_at(due, receive).await {
+                Ok(received) => received,
+                Err(_) => {
+                    self.positions_due = None;
+                    return Event::PositionsDue;
+                }
+            },
+        };
+        if received == 0 {
+            Event::Closed
+        } else {
+            Event::Ops
+        }
+    }
+
+    /// Whether `event` holds a write that only sqlx carries out.
+    fn needs_sqlx(&self, event: &Event) -> bool {
+        matches!(event, Event::Ops)
+            && self.ops.iter().any(|q| match q {
+                Queued::Write(WriteOp::Accept { batch, .. }) => !is_plain(batch),
+                Queued::Write(_) => true,
+                Queued::PositionsWaiting { .. } | Queued::Flush { .. } => false,
+            })
+    }
+
+    /// Carry out `event`; false once the writer is done.
+    async fn handle(&mut self, exec: &mut Exec<'_, '_>, event: Event) -> bool {
+        match event {
+            Event::Ops => self.round(exec).await,
+            Event::PositionsDue => {
+                let slot = self.sync.slot().await;
+                let _ = write_positions(exec, &self.memory).await;
+                self.sync.after_sync(slot, 0, Box::new(|_| {}));
+            }
+            Event::Closed => {
+                // Write out what is left (`sync`, dropped after this, syncs it).
+                let _ = write_positions(exec, &self.memory).await;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Commit the writes in [`Writer::ops`] as one round.
+    async fn round(&mut self, exec: &mut Exec<'_, '_>) {
+        let (memory, sync) = (&*self.memory, &self.sync);
         // Taken before the commit: at most ROUNDS_AWAITING_SYNC rounds are
         // visible and not yet durable.
         let slot = sync.slot().await;
         let mut flushes = Vec::new();
         let mut written = Ok(());
-        let mut round = Vec::with_capacity(ops.len());
-        for op in ops.drain(..) {
+        let mut round = Vec::with_capacity(self.ops.len());
+        for op in self.ops.drain(..) {
             match op {
                 Queued::Write(op) => round.push(op),
-                Queued::PositionsWaiting { now: true } => positions_due = Some(Instant::now()),
+                Queued::PositionsWaiting { now: true } => {
+                    self.positions_due = Some(Instant::now());
+                }
                 Queued::PositionsWaiting { now: false } => {
-                    positions_due.get_or_insert_with(|| Instant::now() + POSITIONS_LINGER);
+                    self.positions_due
+                        .get_or_insert_with(|| Instant::now() + POSITIONS_LINGER);
                 }
                 Queued::Flush { reply } => flushes.push(reply),
             }
@@ -372,7 +483,7 @@ async fn run_writer(
             for reply in flushes {
                 Done::Unit(reply, Ok(())).send(&why);
             }
-            continue;
+            return;
         }
         // A flush is a shutdown waiting; a batch is as many messages waiting.
         let waiting = if flushes.is_empty() {
@@ -402,16 +513,16 @@ async fn run_writer(
             let purge = round.pop();
             if !round.is_empty() {
                 commit(
-                    commit_round(&mut conn, std::mem::take(&mut round), &memory).await,
+                    commit_round(exec, std::mem::take(&mut round), memory).await,
                     &mut after_sync,
                 );
             }
-            if let Err(e) = write_positions(&mut conn, &memory).await {
+            if let Err(e) = write_positions(exec, memory).await {
                 written = Err(e);
             }
             if let Some(purge) = purge {
                 commit(
-                    commit_round(&mut conn, vec![purge], &memory).await,
+                    commit_round(exec, vec![purge], memory).await,
                     &mut after_sync,
                 );
                 memory.forget_all();
@@ -419,14 +530,11 @@ async fn run_writer(
             round = rest;
         }
         if !round.is_empty() {
-            commit(
-                commit_round(&mut conn, round, &memory).await,
-                &mut after_sync,
-            );
+            commit(commit_round(exec, round, memory).await, &mut after_sync);
         }
-        if !flushes.is_empty() || positions_due.is_some_and(|due| due <= Instant::now()) {
-            positions_due = None;
-            if let Err(e) = write_positions(&mut conn, &memory).await {
+        if !flushes.is_empty() || self.positions_due.is_some_and(|due| due <= Instant::now()) {
+            self.positions_due = None;
+            if let Err(e) = write_positions(exec, memory).await {
                 written = Err(e);
             }
         }
@@ -456,11 +564,28 @@ async fn run_writer(
 /// a crash loses at most this much of the positions.
 const POSITIONS_LINGER: Duration = Duration::from_millis(100);
 
-/// Write the positions waiting in memory, a multi-row statement per
+/// Write the positions waiting in memory: through the lent handle in one
+/// transaction, or through sqlx a multi-row statement per
 /// [`ROWS_PER_INSERT`]. A failure is logged: the sessions concerned get
 /// their last answer again, which at-least-once delivery allows.
-async fn write_positions(conn: &mut SqliteConnection, memory: &InMemory) -> StoreResult<()> {
+async fn write_positions(exec: &mut Exec<'_, '_>, memory: &InMemory) -> StoreResult<()> {
     let waiting: Vec<_> = memory.positions.take_unwritten().into_iter().collect();
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let conn = match exec {
+        Exec::Sqlx(conn) => conn,
+        Exec::Direct(direct) => {
+            let rows: Vec<PositionRow<'_>> = waiting
+                .iter()
+                .map(|(session, u)| (session.as_str(), u.user.as_str(), u.seq, u.saved_ms))
+                .collect();
+            return direct.upsert_positions(&rows).map_err(|e| {
+                tracing::error!(error = %e, positions = rows.len(), "cannot store session positions");
+                StoreError::Database(sqlx::Error::Protocol(e))
+            });
+        }
+    };
     let mut outcome = Ok(());
     for chunk in waiting.chunks(ROWS_PER_INSERT) {
         let mut sql = String::from(
@@ -477,7 +602,7 @@ async fn write_positions(conn: &mut SqliteConnection, memory: &InMemory) -> Stor
         for (session, u) in chunk {
             q = q.bind(session).bind(&u.user).bind(u.seq).bind(u.saved_ms);
         }
-        if let Err(e) = q.execute(&mut *conn).await {
+        if let Err(e) = q.execute(&mut **conn).await {
             tracing::error!(error = %e, positions = chunk.len(), "cannot store session positions");
             outcome = Err(StoreError::from(e));
         }
@@ -576,15 +701,19 @@ impl Done {
 /// any caller hears of it, so a poll woken by an answer finds the rows
 /// there. Returns the answers, for [`Done::on_commit`].
 async fn commit_round(
-    conn: &mut SqliteConnection,
+    exec: &mut Exec<'_, '_>,
     ops: Vec<WriteOp>,
     memory: &InMemory,
 ) -> (Vec<Done>, Result<(), String>) {
+    let conn = match exec {
+        Exec::Sqlx(conn) => &mut **conn,
+        Exec::Direct(direct) => return commit_direct(direct, ops, memory),
+    };
     let mut done = Vec::with_capacity(ops.len());
     let mut fresh = Fresh::default();
     if only_plain_accepts(&ops) {
-        // One statement commits by itself (and is on disk when it returns,
-        // with synchronous=FULL): no BEGIN and COMMIT round trips.
+        // Reached only when the handle could not be lent (`run_writer`).
+        // One statement commits by itself: no BEGIN and COMMIT round trips.
         let group = ops.into_iter().filter_map(|op| match op {
             WriteOp::Accept {
                 batch,
@@ -814,7 +943,7 @@ fn is_plain(batch: &[NewMessage]) -> bool {
 /// Rows are inserted in order, so `seq` follows the queue order.
 async fn insert_plain_group(
     conn: &mut SqliteConnection,
-    group: Vec<(Vec<NewMessage>, i64, AcceptReply)>,
+    group: PlainGroup,
     done: &mut Vec<Done>,
     fresh: &mut Rows,
 ) {
@@ -828,28 +957,7 @@ async fn insert_plain_group(
             ",(?,?,?,?,?,?)"
         });
     }
-    let mut rows: Rows = Vec::with_capacity(count);
-    let mut outcomes = Vec::with_capacity(group.len());
-    for (batch, now_ms, reply) in group {
-        let mut ids = Vec::with_capacity(batch.len());
-        for m in batch {
-            let id = new_message_id();
-            ids.push(Accepted::Stored {
-                id: id.clone(),
-                visible: true,
-            });
-            let row = StoredMessage {
-                seq: 0,
-                id,
-                kind: m.kind,
-                accepted_ms: now_ms,
-                visible_ms: now_ms,
-                data: m.data,
-            };
-            rows.push((m.user, row));
-        }
-        outcomes.push((reply, ids));
-    }
+    let (mut rows, mut outcomes) = plain_rows(group);
     let mut q = sqlx::query(&sql);
     for (mailbox, m) in &rows {
         q = q
@@ -891,6 +999,83 @@ async fn insert_plain_group(
             }));
         }
     }
+}
+
+/// Plain batches that go in together.
+type PlainGroup = Vec<(Vec<NewMessage>, i64, AcceptReply)>;
+
+/// The rows of a plain group, in queue order, and each batch's reply with
+/// the outcomes it gets once they are stored.
+fn plain_rows(group: PlainGroup) -> (Rows, Vec<(AcceptReply, Vec<Accepted>)>) {
+    let count: usize = group.iter().map(|(b, _, _)| b.len()).sum();
+    let mut rows: Rows = Vec::with_capacity(count);
+    let mut outcomes = Vec::with_capacity(group.len());
+    for (batch, now_ms, reply) in group {
+        let mut ids = Vec::with_capacity(batch.len());
+        for m in batch {
+            let id = new_message_id();
+            ids.push(Accepted::Stored {
+                id: id.clone(),
+                visible: true,
+            });
+            let row = StoredMessage {
+                seq: 0,
+                id,
+                kind: m.kind,
+                accepted_ms: now_ms,
+                visible_ms: now_ms,
+                data: m.data,
+            };
+            rows.push((m.user, row));
+        }
+        outcomes.push((reply, ids));
+    }
+    (rows, outcomes)
+}
+
+/// A round of plain accepts through the lent handle, in one transaction;
+/// then `memory` learns the rows, as in [`commit_round`]. As with one
+/// multi-row INSERT, all batches go in or none: plain messages cannot fail
+/// one by one.
+fn commit_direct(
+    direct: &mut Direct<'_>,
+    ops: Vec<WriteOp>,
+    memory: &InMemory,
+) -> (Vec<Done>, Result<(), String>) {
+    let mut done = Vec::with_capacity(ops.len());
+    let mut group = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            WriteOp::Accept {
+                batch,
+                now_ms,
+                reply,
+            } if is_plain(&batch) => group.push((batch, now_ms, reply)),
+            // `Writer::needs_sqlx` sends every other write through sqlx.
+            op => Done::refused(op).send(&Err("not a plain write".to_owned())),
+        }
+    }
+    let (mut rows, outcomes) = plain_rows(group);
+    match direct.insert_messages(&mut rows) {
+        Ok(()) => {
+            memory.learn(Fresh { rows });
+            done.extend(
+                outcomes
+                    .into_iter()
+                    .map(|(reply, ids)| Done::Accept(reply, Ok(ids))),
+            );
+        }
+        Err(why) => {
+            tracing::error!(error = %why, "sqlite insert failed");
+            done.extend(outcomes.into_iter().map(|(reply, _)| {
+                Done::Accept(
+                    reply,
+                    Err(StoreError::Database(sqlx::Error::Protocol(why.clone()))),
+                )
+            }));
+        }
+    }
+    (done, Ok(()))
 }
 
 async fn insert_batch(
@@ -1304,6 +1489,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A plain round that fails part way, here at a trigger another
+    /// connection added after the writer prepared its statements, stores
+    /// nothing and refuses its callers; the next round goes in.
+    #[tokio::test]
+    async fn a_failed_plain_round_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        store.accept(vec![plain("a", 1)], 1_000).await.unwrap();
+        let mut other = SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.data = '{\"n\":3}'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        let refused = store
+            .accept(vec![plain("a", 2), plain("b", 3), plain("a", 4)], 2_000)
+            .await;
+        let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(why.contains("refused by the test"), "{why}");
+        let file = |user| store.fetch_from_file(user, 0, 0, 10);
+        assert_eq!(file("a").await.unwrap().len(), 1, "only the first round");
+        assert!(file("b").await.unwrap().is_empty());
+        let from_memory = store.memory.recent.fetch("a", 0, 0, 10).map(summary);
+        assert_eq!(from_memory, Some(summary(file("a").await.unwrap())));
+        store.accept(vec![plain("a", 5)], 3_000).await.unwrap();
+        let data: Vec<String> = file("a")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.data)
+            .collect();
+        assert_eq!(data, ["{\"n\":1}", "{\"n\":5}"]);
     }
 
     #[tokio::test]
