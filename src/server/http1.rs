@@ -247,13 +247,26 @@ async fn read_head(
             let grown = (buf.capacity() * 2).clamp(FIRST_READ, max_head);
             buf.reserve_exact(grown.saturating_sub(buf.len()).max(1));
         }
+        let room = buf.capacity() - buf.len();
         match stream.try_read_buf(&mut buf) {
             Ok(0) => return Head::Closed,
+            Ok(n) if n < room => drained(stream),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Head::Closed,
         }
     }
+}
+
+/// A read that did not fill its buffer took all the socket had: forget the
+/// socket's readiness, as tokio's own `poll_read` does after a short read,
+/// so that the next look at the socket waits for the kernel to announce
+/// more instead of reading once more to learn there is nothing. The next
+/// poll's head, or the client closing, is announced.
+fn drained(stream: &TcpStream) {
+    let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+    });
 }
 
 /// Read what a readable socket has into `pending`, through a stack buffer so
