@@ -36,6 +36,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,7 +210,7 @@ impl SqliteStore {
         // The WAL header, and a frame (a header and a page) for each page
         // written until the checkpoint, with room for a round that crosses it.
         let fill_to = 32 + (CHECKPOINT_PAGES + 1_000) * (24 + page_size.max(512) as u64);
-        let sync = WalSync::start(Path::new(&wal), fill_to).map_err(|e| {
+        let (sync, answering) = WalSync::start(Path::new(&wal), fill_to).map_err(|e| {
             StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
                 e.kind(),
                 format!(
@@ -240,17 +241,20 @@ impl SqliteStore {
         let sync_health = sync.health();
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer_memory = memory.clone();
-        // On the ingest thread: see crate::threads. It ends when the store
-        // is dropped, after writing the positions still waiting.
-        drop(
-            crate::threads::on_ingest_thread(run_writer(writer, rx, writer_memory, sync)).map_err(
-                |e| {
+        // On the ingest thread: see crate::threads. The writer ends when the
+        // store is dropped, after writing the positions still waiting; the
+        // answers after syncs go to the tasks there, the internal API's.
+        fn on_ingest(task: impl Future<Output = ()> + Send + 'static) -> StoreResult<()> {
+            crate::threads::on_ingest_thread(task)
+                .map(drop)
+                .map_err(|e| {
                     StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(format!(
                         "{e:#}"
                     ))))
-                },
-            )?,
-        );
+                })
+        }
+        on_ingest(run_writer(writer, rx, writer_memory, sync))?;
+        on_ingest(answering.run())?;
         Ok(SqliteStore {
             reads,
             writes: tx,

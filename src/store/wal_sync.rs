@@ -11,6 +11,11 @@
 //! them. WAL frames are recovered in order, so a synced round is durable
 //! with every round before it.
 //!
+//! The answers are run by a task on the writer's thread ([`Answering`]):
+//! the callers waiting for them are tasks there, and waking many tasks of
+//! a runtime from another thread costs a system call each, while one task
+//! that wakes them from inside costs one for the whole sync.
+//!
 //! After a failed sync the kernel may have dropped the pages it could not
 //! write and reports the error only once; so from then on every answer is
 //! an error until the node restarts.
@@ -70,20 +75,24 @@ impl WalSync {
     /// twice the time of a sync here). Zeros are no valid frame: recovery
     /// stops at them, as at the stale frames an earlier pass left. The
     /// thread syncs once more and ends when this is dropped.
-    pub fn start(wal: &Path, fill_to: u64) -> std::io::Result<WalSync> {
+    ///
+    /// The answers wait for the returned [`Answering`] to run.
+    pub fn start(wal: &Path, fill_to: u64) -> std::io::Result<(WalSync, Answering)> {
         let file = File::options().read(true).write(true).open(wal)?;
         fill(&file, fill_to)?;
         let (rounds, queue) = mpsc::channel();
+        let (synced, answering) = tokio::sync::mpsc::unbounded_channel();
         let failed = Arc::new(AtomicBool::new(false));
         let thread_failed = failed.clone();
         std::thread::Builder::new()
             .name("pns-wal-sync".to_owned())
-            .spawn(move || run(file, queue, &thread_failed))?;
-        Ok(WalSync {
+            .spawn(move || run(file, queue, &synced, &thread_failed))?;
+        let sync = WalSync {
             rounds,
             slots: Arc::new(Semaphore::new(ROUNDS_AWAITING_SYNC)),
             failed,
-        })
+        };
+        Ok((sync, Answering(answering)))
     }
 
     /// Wait for a round's place; take it before committing the round.
@@ -129,6 +138,27 @@ impl SyncHealth {
     }
 }
 
+/// The rounds of one sync, and its outcome.
+type Synced = (Vec<Round>, Result<(), String>);
+
+/// Runs the answers of each sync, in order; spawn it on the thread whose
+/// tasks wait for them. It ends once the sync thread has.
+pub struct Answering(tokio::sync::mpsc::UnboundedReceiver<Synced>);
+
+impl Answering {
+    pub async fn run(mut self) {
+        while let Some((rounds, outcome)) = self.0.recv().await {
+            answer(rounds, &outcome);
+        }
+    }
+}
+
+fn answer(rounds: Vec<Round>, outcome: &Result<(), String>) {
+    for round in rounds {
+        (round.answer)(outcome);
+    }
+}
+
 fn fill(file: &File, len: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut at = file.metadata()?.len();
@@ -144,7 +174,12 @@ fn fill(file: &File, len: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn run(wal: File, queue: mpsc::Receiver<Round>, failed: &AtomicBool) {
+fn run(
+    wal: File,
+    queue: mpsc::Receiver<Round>,
+    synced: &tokio::sync::mpsc::UnboundedSender<Synced>,
+    failed: &AtomicBool,
+) {
     let mut failure: Option<String> = None;
     while let Ok(first) = queue.recv() {
         // Every round handed over meanwhile shares this sync.
@@ -174,8 +209,11 @@ fn run(wal: File, queue: mpsc::Receiver<Round>, failed: &AtomicBool) {
                 why
             }),
         };
-        for round in rounds {
-            (round.answer)(&outcome);
+        if let Err(tokio::sync::mpsc::error::SendError((rounds, outcome))) =
+            synced.send((rounds, outcome))
+        {
+            // No task answers (its runtime is gone): answer here.
+            answer(rounds, &outcome);
         }
     }
     if failure.is_none() {
@@ -191,7 +229,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wal = dir.path().join("pns.db-wal");
         std::fs::write(&wal, b"").unwrap();
-        let sync = WalSync::start(&wal, 0).unwrap();
+        let (sync, answering) = WalSync::start(&wal, 0).unwrap();
+        tokio::spawn(answering.run());
         (dir, sync)
     }
 
@@ -230,7 +269,8 @@ mod tests {
         let path = std::ffi::CString::new(wal.to_str().unwrap()).unwrap();
         // SAFETY: a NUL-terminated path of our own.
         assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-        let sync = WalSync::start(&wal, 0).unwrap();
+        let (sync, answering) = WalSync::start(&wal, 0).unwrap();
+        tokio::spawn(answering.run());
         assert!(sync.healthy());
         for _ in 0..2 {
             let (answered, answer) = tokio::sync::oneshot::channel();
