@@ -63,6 +63,8 @@ impl App {
             Err(e) => return Err(e.into()),
         }
         let hub = Hub::with_user_cap(config.limits.max_polls_per_user);
+        // On the runtime of the polls: App is built there.
+        tokio::spawn(hub.clone().relay_wakes());
         let scheduler = DelayScheduler::new();
         let ingest = Ingest::new(
             store.clone(),

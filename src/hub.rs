@@ -13,6 +13,12 @@
 //! The registry is split into shards by user, so that wakes for different
 //! users rarely contend on one lock.
 //!
+//! Wakes come from the ingest thread, and the polls run on the main
+//! runtime. Waking a task of a runtime from another thread costs a system
+//! call each time, so [`Hub::wake`] takes the user's entry at once but
+//! hands the wakes to one task on the polls' runtime ([`Hub::relay_wakes`]),
+//! which is woken once for all the wakes that came meanwhile.
+//!
 //! A user holds at most `user_cap` polls at once: parking one more releases
 //! that user's oldest with [`Wake::Capped`], so a runaway client (or many tabs
 //! without the shared poll) cannot pin sockets without end.
@@ -85,12 +91,24 @@ struct Shard {
 
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
+    relay: Relay,
     hasher: foldhash::fast::RandomState,
     /// Parked polls' ids and user entries' generations, from one counter.
     next_id: AtomicU64,
     held: AtomicUsize,
     closed: AtomicBool,
     user_cap: usize,
+}
+
+/// Wakes on their way to the polls' runtime.
+#[derive(Default)]
+struct Relay {
+    /// Whether a [`Hub::relay_wakes`] task runs; without one, wakes are
+    /// sent where they happen.
+    running: AtomicBool,
+    waiting: Mutex<Vec<oneshot::Sender<Wake>>>,
+    /// Notified when `waiting` stops being empty.
+    filled: tokio::sync::Notify,
 }
 
 /// A poll's place in the hub; await [`Parked::woken`], drop to leave.
@@ -109,6 +127,7 @@ impl Default for Hub {
     fn default() -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            relay: Relay::default(),
             hasher: Default::default(),
             next_id: AtomicU64::new(1),
             held: AtomicUsize::new(0),
@@ -232,9 +251,53 @@ impl Hub {
         let state = self.shard(user).users.remove(user);
         if let Some(UserState { waiters, .. }) = state {
             self.held.fetch_sub(waiters.len(), Ordering::Relaxed);
-            for w in waiters {
-                let _ = w.wake.send(Wake::News);
+            if !self.relay.running.load(Ordering::Acquire) {
+                for w in waiters {
+                    let _ = w.wake.send(Wake::News);
+                }
+                return;
             }
+            let mut waiting = self.relay.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let was_empty = waiting.is_empty();
+            waiting.extend(waiters.into_iter().map(|w| w.wake));
+            drop(waiting);
+            // The relay takes all there is when it runs: one notification
+            // per filling covers every wake added before it runs.
+            if was_empty {
+                self.relay.filled.notify_one();
+            }
+        }
+    }
+
+    /// Send the wakes that [`Hub::wake`] hands over; run it on the polls'
+    /// runtime for as long as the hub serves. Once it is dropped, wakes
+    /// are sent where they happen again.
+    pub async fn relay_wakes(self: Arc<Self>) {
+        /// Sends what is waiting, now and when dropped.
+        struct Relaying(Arc<Hub>);
+        impl Relaying {
+            fn send_waiting(&self) {
+                let relay = &self.0.relay;
+                let taken =
+                    std::mem::take(&mut *relay.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+                for wake in taken {
+                    let _ = wake.send(Wake::News);
+                }
+            }
+        }
+        impl Drop for Relaying {
+            fn drop(&mut self) {
+                self.0.relay.running.store(false, Ordering::Release);
+                self.send_waiting();
+            }
+        }
+        if self.relay.running.swap(true, Ordering::AcqRel) {
+            return; // one relay is enough
+        }
+        let relaying = Relaying(self);
+        loop {
+            relaying.0.relay.filled.notified().await;
+            relaying.send_waiting();
         }
     }
 
