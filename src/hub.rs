@@ -465,6 +465,36 @@ mod tests {
             .all(|s| s.lock().unwrap().users.is_empty()));
     }
 
+    /// Wakes from another thread go through the relay while it runs, and
+    /// straight to the polls once it has stopped; none is lost either way.
+    #[tokio::test]
+    async fn wakes_from_another_thread_reach_the_polls_with_or_without_the_relay() {
+        let hub = Hub::new();
+        let relay = tokio::spawn(hub.clone().relay_wakes());
+        tokio::task::yield_now().await;
+        assert!(hub.relay.running.load(Ordering::Acquire));
+        let mut polls: Vec<_> = (0..50)
+            .map(|i| hub.park(&format!("u{i}"), "s", 0, 0))
+            .collect();
+        let from = hub.clone();
+        std::thread::spawn(move || (0..50).for_each(|i| from.wake(&format!("u{i}"))))
+            .join()
+            .unwrap();
+        for poll in &mut polls {
+            assert_eq!(poll.woken().await, Wake::News);
+        }
+        relay.abort();
+        let _ = relay.await;
+        assert!(!hub.relay.running.load(Ordering::Acquire));
+        let mut late = hub.park("late", "s", 0, 0);
+        let from = hub.clone();
+        std::thread::spawn(move || from.wake("late"))
+            .join()
+            .unwrap();
+        assert_eq!(late.woken().await, Wake::News);
+        assert_eq!(hub.held(), 0);
+    }
+
     #[tokio::test]
     async fn newer_poll_of_a_session_supersedes_the_older() {
         let hub = Hub::new();
