@@ -18,9 +18,8 @@ use crate::ingest::Source;
 use crate::wire::{DovecotEvent, NotifyAccepted, NotifyItem, TYPE_NEW_MAIL};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,22 +30,16 @@ pub const EVENT_MESSAGE_NEW: &str = "messageNew";
 /// Longest dedup key the store is given; longer ones are hashed.
 const MAX_DEDUP_KEY_LEN: usize = super::notify::MAX_DEDUP_KEY_LEN;
 
-/// Lets a request through only with the configured Basic credentials;
-/// runs before the body is read.
-pub async fn require_credentials(
-    State(app): State<Arc<App>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if let Err(e) = check_credentials(&app, request.headers()) {
-        let mut response = e.into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"pns\", charset=\"UTF-8\""),
-        );
-        return response;
-    }
-    next.run(request).await
+/// Lets a request through only with the configured Basic credentials, the
+/// 401 otherwise; runs before the body is read.
+pub fn refuse(app: &App, headers: &HeaderMap) -> Option<Response> {
+    let e = check_credentials(app, headers).err()?;
+    let mut response = e.into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"pns\", charset=\"UTF-8\""),
+    );
+    Some(response)
 }
 
 pub async fn notify(

@@ -10,14 +10,13 @@
 use super::error::ApiError;
 use crate::app::App;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
 use http_body_util::BodyExt;
 use std::convert::Infallible;
-use std::future::Ready;
+use std::future::{Future, Ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
@@ -87,37 +86,96 @@ fn refusal(request: &Request, max: usize) -> Option<Response> {
     None
 }
 
-/// Read the whole body within the body timeout and size limit, then hand
-/// the request on with the body in memory.
-pub async fn internal_body(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let limits = &app.config.limits;
-    let max = limits.max_body_bytes;
-    let too_large = || {
-        closing(ApiError::TooLarge(format!(
-            "request body is larger than {max} bytes"
-        )))
-    };
-    if content_length(request.headers()).is_some_and(|n| n > max as u64) {
-        return too_large();
+/// The internal listener's checks, in one layer: `refuse` (the caller's
+/// credentials) before anything is read, then the whole body read within
+/// the body timeout and size limit and handed on in memory.
+///
+/// A layer of its own rather than two `from_fn` middlewares: those box the
+/// inner service and a future each, per request, on every notify.
+#[derive(Clone)]
+pub struct InternalChecks {
+    pub app: Arc<App>,
+    /// Who may call: the answer to send instead, when the caller may not.
+    pub refuse: fn(&App, &HeaderMap) -> Option<Response>,
+}
+
+impl<S> Layer<S> for InternalChecks {
+    type Service = InternalChecked<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InternalChecked {
+            inner,
+            checks: self.clone(),
+        }
     }
-    let (parts, body) = request.into_parts();
-    let read = http_body_util::Limited::new(body, max).collect();
-    let bytes = match tokio::time::timeout(limits.body_timeout, read).await {
-        Err(_) => {
-            return closing(ApiError::RequestTimeout(format!(
-                "the request body did not arrive within {} s",
-                limits.body_timeout.as_secs()
-            )))
+}
+
+#[derive(Clone)]
+pub struct InternalChecked<S> {
+    inner: S,
+    checks: InternalChecks,
+}
+
+type Answer = std::pin::Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<S> Service<Request> for InternalChecked<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, Answer>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let app = &self.checks.app;
+        if let Some(refused) = (self.checks.refuse)(app, request.headers()) {
+            return Either::Left(std::future::ready(Ok(refused)));
         }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Ok(Err(e)) => {
-            return ApiError::BadRequest(format!("request body could not be read: {e}"))
-                .into_response()
+        let limits = &app.config.limits;
+        let (max, timeout) = (limits.max_body_bytes, limits.body_timeout);
+        if content_length(request.headers()).is_some_and(|n| n > max as u64) {
+            return Either::Left(std::future::ready(Ok(too_large(max))));
         }
-        Ok(Ok(collected)) => collected.to_bytes(),
-    };
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+        // The ready service goes into the future; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Either::Right(Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let read = http_body_util::Limited::new(body, max).collect();
+            let bytes = match tokio::time::timeout(timeout, read).await {
+                Err(_) => {
+                    return Ok(closing(ApiError::RequestTimeout(format!(
+                        "the request body did not arrive within {} s",
+                        timeout.as_secs()
+                    ))))
+                }
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Ok(too_large(max))
+                }
+                Ok(Err(e)) => {
+                    return Ok(
+                        ApiError::BadRequest(format!("request body could not be read: {e}"))
+                            .into_response(),
+                    )
+                }
+                Ok(Ok(collected)) => collected.to_bytes(),
+            };
+            inner
+                .call(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }))
+    }
+}
+
+fn too_large(max: usize) -> Response {
+    closing(ApiError::TooLarge(format!(
+        "request body is larger than {max} bytes"
+    )))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -22,10 +22,9 @@ pub mod notify;
 pub mod poll;
 
 use crate::app::App;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, Method};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderMap, HeaderValue, Method};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 use error::ApiError;
@@ -88,28 +87,19 @@ pub fn internal_router(app: Arc<App>) -> Router {
             delete(admin::delete_session_by_id),
         )
         .route("/internal/v1/stats", get(admin::stats))
-        // Layers run bottom up: the token is checked before a body is read.
-        .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            limits::internal_body,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            require_internal_token,
-        ));
+        .route_layer(limits::InternalChecks {
+            app: app.clone(),
+            refuse: refuse_internal,
+        });
     let dovecot = Router::new()
         .route(
             "/preliminary/http-notify/v1/notify",
             put(dovecot::notify).post(dovecot::notify),
         )
-        .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            limits::internal_body,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            app.clone(),
-            dovecot::require_credentials,
-        ));
+        .route_layer(limits::InternalChecks {
+            app: app.clone(),
+            refuse: dovecot::refuse,
+        });
     let max_body = app.config.limits.max_body_bytes;
     Router::new()
         .merge(api)
@@ -131,32 +121,25 @@ async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
-/// Lets a request through only with `Authorization: Bearer <one of the internal tokens>`.
-async fn require_internal_token(
-    State(app): State<Arc<App>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let presented = request
-        .headers()
+/// Lets a request through only with `Authorization: Bearer <one of the
+/// internal tokens>`: the 401 otherwise.
+fn refuse_internal(app: &App, headers: &HeaderMap) -> Option<Response> {
+    let Some(presented) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or(ApiError::Unauthorized(
-            "the internal API needs Authorization: Bearer <token>",
-        ))?;
+    else {
+        let why = "the internal API needs Authorization: Bearer <token>";
+        return Some(ApiError::Unauthorized(why).into_response());
+    };
     let known = app
         .config
         .internal_tokens
         .iter()
         .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()));
-    if !known {
-        return Err(ApiError::Unauthorized(
-            "the internal API token is not valid",
-        ));
-    }
-    Ok(next.run(request).await)
+    let why = "the internal API token is not valid";
+    (!known).then(|| ApiError::Unauthorized(why).into_response())
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix.
