@@ -8,12 +8,13 @@
 //! [`WalSync`] answers its writers once the write-ahead log is synced, one
 //! sync for all the rounds committed meanwhile. Plain messages (no dedup key, no
 //! delay), which no constraint can refuse, skip the savepoints: the plain
-//! notifies queued together go in as one multi-row INSERT. Reads use a
-//! separate pool of connections, which WAL mode lets run beside the writer.
-//! After each commit the writer hands the new rows to [`Recent`], which
-//! answers most polls' reads from memory. The writes that come by the
-//! thousand, plain messages and positions, skip sqlx's worker thread: the
-//! writer borrows the connection's handle and runs them itself ([`Direct`]).
+//! notifies queued together go in together, all or none. The writes that
+//! come by the thousand, plain messages and positions, also skip sqlx's
+//! worker thread: the writer borrows the connection's handle and runs them
+//! itself ([`Direct`]). Reads use a separate pool of connections, which WAL
+//! mode lets run beside the writer, and a checkpointer copies the log into
+//! the database file beside it. After each commit the writer hands the new
+//! rows to [`Recent`], which answers most polls' reads from memory.
 //!
 //! Session positions are written behind: a position saved waits in
 //! [`Positions`], which answers for it at once, and the writer stores the
