@@ -41,7 +41,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 /// Writes waiting at most in the writer's queue before callers wait their turn.
@@ -256,10 +256,16 @@ impl SqliteStore {
                     ))))
                 })
         }
-        on_ingest(run_writer(writer, rx, writer_memory, sync))?;
-        on_ingest(answering.run())?;
         let checkpointer = SqliteConnection::connect_with(&options).await?;
-        on_ingest(run_checkpointer(checkpointer, tx.downgrade()))?;
+        let wrote = Arc::new(Notify::new());
+        let writer_wrote = wrote.clone();
+        on_ingest(async move {
+            run_writer(writer, rx, writer_memory, sync, &writer_wrote).await;
+            // The store is gone: the checkpointer ends too.
+            writer_wrote.notify_one();
+        })?;
+        on_ingest(answering.run())?;
+        on_ingest(run_checkpointer(checkpointer, wrote, tx.downgrade()))?;
         Ok(SqliteStore {
             reads,
             writes: tx,
@@ -333,11 +339,13 @@ async fn run_writer(
     rx: mpsc::Receiver<Queued>,
     memory: Arc<InMemory>,
     sync: WalSync,
+    wrote: &Notify,
 ) {
     let mut writer = Writer {
         rx,
         memory,
         sync,
+        wrote,
         ops: Vec::with_capacity(WRITES_PER_COMMIT),
         positions_due: None,
     };
@@ -379,19 +387,23 @@ async fn run_writer(
     }
 }
 
-/// Copies the write-ahead log into the database file every
-/// [`CHECKPOINT_EVERY`], on a connection of its own (its sqlx worker thread
-/// does the work), beside the writer: a passive checkpoint never holds a
-/// commit up. The writer's own checkpoint, at [`CHECKPOINT_PAGES`], then
-/// finds most pages copied and the file synced, and holds the rounds
+/// Copies the write-ahead log into the database file [`CHECKPOINT_EVERY`]
+/// after the writer `wrote`, on a connection of its own (its sqlx worker
+/// thread does the work), beside the writer: a passive checkpoint never
+/// holds a commit up. The writer's own checkpoint, at [`CHECKPOINT_PAGES`],
+/// then finds most pages copied and the file synced, and holds the rounds
 /// behind it only briefly; before, it copied and synced 10,000 pages there,
 /// and the notifies queued behind it waited (the longest deliveries at
-/// 1,000 notifies a second). Ends once the store is dropped.
-async fn run_checkpointer(mut conn: SqliteConnection, store: mpsc::WeakSender<Queued>) {
-    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// 1,000 notifies a second). Nothing runs while nothing is written. Ends
+/// once the store is dropped.
+async fn run_checkpointer(
+    mut conn: SqliteConnection,
+    wrote: Arc<Notify>,
+    store: mpsc::WeakSender<Queued>,
+) {
     loop {
-        every.tick().await;
+        wrote.notified().await;
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
         if store.upgrade().is_none() {
             return;
         }
@@ -424,8 +436,10 @@ enum Event {
 }
 
 /// The writer's state between rounds.
-struct Writer {
+struct Writer<'w> {
     rx: mpsc::Receiver<Queued>,
+    /// Told after every round and write of positions (the checkpointer).
+    wrote: &'w Notify,
     memory: Arc<InMemory>,
     sync: WalSync,
     /// The round being taken from the queue.
@@ -434,7 +448,7 @@ struct Writer {
     positions_due: Option<Instant>,
 }
 
-impl Writer {
+impl Writer<'_> {
     async fn next_event(&mut self) -> Event {
         // `recv_many` is cancel-safe: a timeout loses nothing.
         let receive = self.rx.recv_many(&mut self.ops, WRITES_PER_COMMIT);
@@ -467,6 +481,7 @@ impl Writer {
 
     /// Carry out `event`; false once the writer is done.
     async fn handle(&mut self, exec: &mut Exec<'_, '_>, event: Event) -> bool {
+        self.wrote.notify_one();
         match event {
             Event::Ops => self.round(exec).await,
             Event::PositionsDue => {
