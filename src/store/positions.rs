@@ -10,8 +10,15 @@
 //! open that may answer "maybe" but never "no" wrongly. Only a "maybe"
 //! costs a read.
 //!
-//! It also holds the positions saved and not yet written: the writer takes
-//! them now and then and writes them together (see [`super::sqlite`]).
+//! It also holds the positions saved and not yet written. A position is
+//! *held back* until its session reads it: most clients (the bundled one
+//! among them) poll without a cursor only once, and from the answer on with
+//! the answer's cursor, so their positions are never read again and need
+//! not be written but at a clean shutdown. A position read by a poll
+//! without a cursor is *waiting*: the writer takes the waiting ones now and
+//! then and writes them together (see [`super::sqlite`]). So the file lags
+//! a client without a cursor by at most its last answer, which a `kill -9`
+//! may repeat, as delivery at least once allows.
 
 use foldhash::fast::RandomState;
 use foldhash::HashMap;
@@ -35,8 +42,20 @@ struct Inner {
     older: BloomFilter,
     /// Positions saved since open (or since the map last started again).
     kept: HashMap<String, i64>,
-    /// Positions saved and not yet taken by the writer.
+    /// Positions saved and not yet read: written only at a flush.
+    held_back: HashMap<String, Unwritten>,
+    /// Positions read (or saved after a read) and not yet taken by the
+    /// writer.
     unwritten: HashMap<String, Unwritten>,
+}
+
+/// How many positions wait for the writer, before and after a call that
+/// may have added some; the writer hears of the first and of a full
+/// statement's worth, not of each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    pub before: usize,
+    pub after: usize,
 }
 
 /// A position to write: the session's user, its `seq`, and when it was saved.
@@ -67,39 +86,50 @@ impl Positions {
             inner: Mutex::new(Inner {
                 older,
                 kept: HashMap::default(),
+                held_back: HashMap::default(),
                 unwritten: HashMap::default(),
             }),
         }
     }
 
+    /// What memory knows of `session`'s position, without reading it: see
+    /// [`Positions::read`].
+    #[cfg(test)]
     pub fn get(&self, session: &str) -> Known {
-        let inner = self.lock();
-        // A saved position is never lower than the one in the file: the
-        // file's was read before anything newer could be saved, and saving
-        // keeps the larger.
-        // An unwritten position is the newest: the map may have forgotten
-        // it, and the file does not have it yet.
-        if let Some(u) = inner.unwritten.get(session) {
-            return Known::Saved(u.seq);
-        }
-        match inner.kept.get(session) {
-            Some(seq) => Known::Saved(*seq),
-            None if inner.older.may_contain(session) => Known::AskTheFile,
-            None => Known::None,
-        }
+        self.lock().get(session)
     }
 
-    /// Save a position (the larger one wins, here and in the file); it waits
-    /// in memory for the writer. Returns how many positions wait now.
-    pub fn save(&self, session: &str, user: &str, seq: i64, saved_ms: i64) -> usize {
+    /// A poll without a cursor reads its session's position: one held back
+    /// is now needed after a restart too, and waits for the writer.
+    pub fn read(&self, session: &str) -> (Known, Waiting) {
         let mut inner = self.lock();
+        let before = inner.unwritten.len();
+        if let Some((session, u)) = inner.held_back.remove_entry(session) {
+            let seq = u.seq;
+            inner.unwritten.insert(session, u);
+            return (Known::Saved(seq), inner.waiting(before));
+        }
+        (inner.get(session), inner.waiting(before))
+    }
+
+    /// Save a position (the larger one wins, here and in the file). It is
+    /// held back until read, unless its session read one that still waits.
+    pub fn save(&self, session: &str, user: &str, seq: i64, saved_ms: i64) -> Waiting {
+        let mut inner = self.lock();
+        let before = inner.unwritten.len();
         if inner.kept.len() >= MAX_KEPT && !inner.kept.contains_key(session) {
             inner.forget_all();
         }
         let kept = inner.kept.entry(session.to_owned()).or_insert(seq);
         *kept = (*kept).max(seq);
         let seq = *kept;
-        match inner.unwritten.get_mut(session) {
+        let inner = &mut *inner;
+        let place = if inner.unwritten.contains_key(session) {
+            &mut inner.unwritten
+        } else {
+            &mut inner.held_back
+        };
+        match place.get_mut(session) {
             Some(u) => {
                 u.seq = u.seq.max(seq);
                 u.saved_ms = u.saved_ms.max(saved_ms);
@@ -110,10 +140,19 @@ impl Positions {
                     seq,
                     saved_ms,
                 };
-                inner.unwritten.insert(session.to_owned(), u);
+                place.insert(session.to_owned(), u);
             }
         }
-        inner.unwritten.len()
+        // Bounded like the map: past it, what is held back gets written.
+        if inner.held_back.len() > MAX_KEPT {
+            inner.release_held_back();
+        }
+        inner.waiting(before)
+    }
+
+    /// Every position held back waits for the writer: at a flush.
+    pub fn release_held_back(&self) {
+        self.lock().release_held_back();
     }
 
     /// The positions waiting to be written, by session; none wait after.
@@ -133,6 +172,47 @@ impl Positions {
 }
 
 impl Inner {
+    fn get(&self, session: &str) -> Known {
+        // A saved position is never lower than the one in the file: the
+        // file's was read before anything newer could be saved, and saving
+        // keeps the larger.
+        // One held back or unwritten is the newest: the map may have
+        // forgotten it, and the file does not have it yet.
+        if let Some(u) = self.unwritten.get(session) {
+            return Known::Saved(u.seq);
+        }
+        if let Some(u) = self.held_back.get(session) {
+            return Known::Saved(u.seq);
+        }
+        match self.kept.get(session) {
+            Some(seq) => Known::Saved(*seq),
+            None if self.older.may_contain(session) => Known::AskTheFile,
+            None => Known::None,
+        }
+    }
+
+    fn waiting(&self, before: usize) -> Waiting {
+        Waiting {
+            before,
+            after: self.unwritten.len(),
+        }
+    }
+
+    fn release_held_back(&mut self) {
+        let held_back = std::mem::take(&mut self.held_back);
+        for (session, u) in held_back {
+            match self.unwritten.get_mut(&session) {
+                Some(w) => {
+                    w.seq = w.seq.max(u.seq);
+                    w.saved_ms = w.saved_ms.max(u.saved_ms);
+                }
+                None => {
+                    self.unwritten.insert(session, u);
+                }
+            }
+        }
+    }
+
     fn forget_all(&mut self) {
         for session in self.kept.keys() {
             self.older.insert(session);
@@ -205,17 +285,59 @@ mod tests {
     fn forgotten_positions_are_asked_of_the_file() {
         let positions = Positions::new([]);
         positions.save("s", "u", 5, 0);
+        positions.release_held_back();
         positions.take_unwritten();
         positions.forget_all();
         assert_eq!(positions.get("s"), Known::AskTheFile);
     }
 
     #[test]
+    fn a_position_waits_for_the_writer_only_once_read_or_flushed() {
+        let positions = Positions::new([]);
+        let none_waiting = Waiting {
+            before: 0,
+            after: 0,
+        };
+        assert_eq!(positions.save("s", "u", 5, 10), none_waiting);
+        assert!(positions.take_unwritten().is_empty());
+        let (known, waiting) = positions.read("s");
+        assert_eq!(known, Known::Saved(5));
+        assert_eq!(
+            waiting,
+            Waiting {
+                before: 0,
+                after: 1
+            }
+        );
+        // Saved again before the writer took it: it still waits, the newest.
+        let one_waiting = Waiting {
+            before: 1,
+            after: 1,
+        };
+        assert_eq!(positions.save("s", "u", 7, 20), one_waiting);
+        assert_eq!(positions.read("s"), (Known::Saved(7), one_waiting));
+        let taken = positions.take_unwritten();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken["s"].seq, 7);
+        // Saved after the writer took it: held back again.
+        assert_eq!(positions.save("s", "u", 9, 30), none_waiting);
+        assert_eq!(positions.save("t", "v", 3, 30), none_waiting);
+        assert!(positions.take_unwritten().is_empty());
+        assert_eq!(positions.get("t"), Known::Saved(3));
+        positions.release_held_back();
+        let taken = positions.take_unwritten();
+        assert_eq!(taken.len(), 2);
+        assert_eq!((taken["s"].seq, taken["t"].seq), (9, 3));
+    }
+
+    #[test]
     fn unwritten_positions_outlive_forgetting_and_are_taken_once() {
         let positions = Positions::new([]);
         positions.save("s", "u", 5, 10);
-        assert_eq!(positions.save("s", "u", 3, 20), 1);
-        assert_eq!(positions.save("t", "v", 1, 30), 2);
+        positions.save("s", "u", 3, 20);
+        positions.save("t", "v", 1, 30);
+        assert_eq!(positions.read("s").1.after, 1);
+        assert_eq!(positions.read("t").1.after, 2);
         positions.forget_all();
         assert_eq!(positions.get("s"), Known::Saved(5));
         let taken = positions.take_unwritten();
@@ -236,6 +358,7 @@ mod tests {
         for i in 0..MAX_KEPT {
             positions.save(&format!("s{i}"), "u", 1, 0);
         }
+        positions.release_held_back();
         positions.take_unwritten();
         positions.save("one-more", "u", 2, 0);
         assert_eq!(positions.get("one-more"), Known::Saved(2));

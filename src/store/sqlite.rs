@@ -17,13 +17,15 @@
 //! rows to [`Recent`], which answers most polls' reads from memory.
 //!
 //! Session positions are written behind: a position saved waits in
-//! [`Positions`], which answers for it at once, and the writer stores the
-//! positions saved within 100 ms together, after a round's answers went out.
-//! A poll's answer never waits for a commit of its own; a crash can lose the
-//! last 100 ms of positions, and delivery is at least once: the sessions
-//! concerned get their last answer again.
+//! [`Positions`], which answers for it at once. It is written only once a
+//! poll without a cursor has read it (most clients send the answer's cursor
+//! from their second poll on, and never need it) or at a clean shutdown;
+//! the writer stores the positions read within 100 ms together, after a
+//! round's answers went out. A poll's answer never waits for a commit of
+//! its own; a crash can lose a session's last position, and delivery is at
+//! least once: the sessions concerned get their last answer again.
 
-use super::positions::{Known, Positions};
+use super::positions::{Known, Positions, Waiting};
 use super::recent::Recent;
 use super::sqlite_direct::{Direct, PositionRow};
 use super::wal_sync::{SyncHealth, WalSync, SYNC_NOW};
@@ -325,6 +327,22 @@ impl SqliteStore {
             .map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
+
+    /// Tell the writer of the first position waiting, and of enough for a
+    /// statement; not of each.
+    async fn positions_waiting(&self, waiting: Waiting) -> StoreResult<()> {
+        let now = if waiting.before < ROWS_PER_INSERT && waiting.after >= ROWS_PER_INSERT {
+            true
+        } else if waiting.before == 0 && waiting.after > 0 {
+            false
+        } else {
+            return Ok(());
+        };
+        self.writes
+            .send(Queued::PositionsWaiting { now })
+            .await
+            .map_err(|_| StoreError::WriterGone)
+    }
 }
 
 /// The single writer: drains the queue into one transaction per round, makes
@@ -491,6 +509,7 @@ impl Writer<'_> {
             }
             Event::Closed => {
                 // Write out what is left (`sync`, dropped after this, syncs it).
+                self.memory.positions.release_held_back();
                 let _ = write_positions(exec, &self.memory).await;
                 return false;
             }
@@ -583,6 +602,9 @@ impl Writer<'_> {
         }
         if !flushes.is_empty() || self.positions_due.is_some_and(|due| due <= Instant::now()) {
             self.positions_due = None;
+            if !flushes.is_empty() {
+                memory.positions.release_held_back();
+            }
             if let Err(e) = write_positions(exec, memory).await {
                 written = Err(e);
             }
@@ -608,9 +630,9 @@ impl Writer<'_> {
     }
 }
 
-/// How long a saved position waits at most for others to be written with.
-/// A statement per round would cost about as much as the round's messages;
-/// a crash loses at most this much of the positions.
+/// How long a position that a poll read waits at most for others to be
+/// written with. A statement per round would cost about as much as the
+/// round's messages.
 const POSITIONS_LINGER: Duration = Duration::from_millis(100);
 
 /// Write the positions waiting in memory: through the lent handle in one
@@ -1327,7 +1349,9 @@ impl MessageStore for SqliteStore {
     }
 
     async fn position(&self, session: &str) -> StoreResult<Option<i64>> {
-        match self.memory.positions.get(session) {
+        let (known, waiting) = self.memory.positions.read(session);
+        self.positions_waiting(waiting).await?;
+        match known {
             Known::Saved(seq) => Ok(Some(seq)),
             Known::None => Ok(None),
             Known::AskTheFile => Ok(sqlx::query_scalar(
@@ -1346,17 +1370,8 @@ impl MessageStore for SqliteStore {
         seq: i64,
         now_ms: i64,
     ) -> StoreResult<()> {
-        // The writer hears of the first position waiting, and of enough
-        // for a statement; not of each.
-        let now = match self.memory.positions.save(session, user, seq, now_ms) {
-            1 => false,
-            ROWS_PER_INSERT => true,
-            _ => return Ok(()),
-        };
-        self.writes
-            .send(Queued::PositionsWaiting { now })
-            .await
-            .map_err(|_| StoreError::WriterGone)
+        let waiting = self.memory.positions.save(session, user, seq, now_ms);
+        self.positions_waiting(waiting).await
     }
 
     async fn flush(&self) -> StoreResult<()> {
@@ -1688,6 +1703,36 @@ mod tests {
         for (session, seq) in in_file {
             assert_eq!(seq, if session == "s0" { 12 } else { 10 }, "{session}");
         }
+    }
+
+    /// A position that no poll without a cursor read is held back until a
+    /// flush; one that such a poll read is written within the linger.
+    #[tokio::test]
+    async fn only_positions_read_again_are_written_before_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        store.save_position("read", "a", 5, 1_000).await.unwrap();
+        store.save_position("unread", "a", 6, 1_000).await.unwrap();
+        assert_eq!(store.position("read").await.unwrap(), Some(5));
+        let in_file = || async {
+            sqlx::query_scalar::<_, String>("SELECT session FROM session_positions ORDER BY 1")
+                .fetch_all(&store.reads)
+                .await
+                .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_file().await.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the position read was not written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(in_file().await, ["read"]);
+        store.flush().await.unwrap();
+        assert_eq!(in_file().await, ["read", "unread"]);
+        assert_eq!(store.position("unread").await.unwrap(), Some(6));
     }
 
     #[tokio::test]
