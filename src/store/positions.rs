@@ -352,6 +352,27 @@ mod tests {
         assert_eq!(positions.get("s"), Known::AskTheFile);
     }
 
+    /// Positions held back are bounded like the map: past the bound they
+    /// all wait for the writer, so memory does not grow without end with
+    /// sessions that never poll without a cursor again.
+    #[test]
+    fn too_many_positions_held_back_all_wait_for_the_writer() {
+        let positions = Positions::new([]);
+        for i in 0..MAX_KEPT {
+            let waiting = positions.save(&format!("s{i}"), "u", 1, 0);
+            assert_eq!(waiting.after, 0);
+        }
+        let waiting = positions.save("one-more", "u", 1, 0);
+        assert_eq!(waiting.before, 0);
+        assert_eq!(waiting.after, MAX_KEPT + 1);
+        // The map started again, yet memory answers until the writer took
+        // them; then the file does.
+        assert_eq!(positions.get("s0"), Known::Saved(1));
+        assert_eq!(positions.take_unwritten().len(), MAX_KEPT + 1);
+        assert_eq!(positions.get("s0"), Known::AskTheFile);
+        assert_eq!(positions.get("one-more"), Known::Saved(1));
+    }
+
     #[test]
     fn a_full_map_starts_again_without_losing_a_position() {
         let positions = Positions::new([]);
