@@ -199,18 +199,10 @@ impl Inner {
     }
 
     fn release_held_back(&mut self) {
+        // No session is in both maps: a save goes to `unwritten` while its
+        // session waits there, and a read moves it out of `held_back`.
         let held_back = std::mem::take(&mut self.held_back);
-        for (session, u) in held_back {
-            match self.unwritten.get_mut(&session) {
-                Some(w) => {
-                    w.seq = w.seq.max(u.seq);
-                    w.saved_ms = w.saved_ms.max(u.saved_ms);
-                }
-                None => {
-                    self.unwritten.insert(session, u);
-                }
-            }
-        }
+        self.unwritten.extend(held_back);
     }
 
     fn forget_all(&mut self) {
