@@ -67,6 +67,27 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// batches of 1,000).
 const SEQ_JUMP_AT_START: i64 = 1 << 32;
 
+/// The seqs the writer gives, one after another in commit order. SQLite's
+/// AUTOINCREMENT did this at the cost of a page of `sqlite_sequence`
+/// written with every commit; the floor in `seq_floor`, raised at every
+/// start and before every purge, keeps them from going back as it did.
+struct Seqs {
+    next: i64,
+}
+
+impl Seqs {
+    fn take(&mut self) -> i64 {
+        let seq = self.next;
+        self.next += 1;
+        seq
+    }
+
+    /// The largest seq given out, or the floor.
+    fn highest_given(&self) -> i64 {
+        self.next - 1
+    }
+}
+
 pub struct SqliteStore {
     reads: SqlitePool,
     writes: mpsc::Sender<Queued>,
@@ -187,18 +208,22 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await?;
+        let (top_seq, top_visible_ms, floor): (i64, i64, i64) = sqlx::query_as(
+            "SELECT coalesce(max(seq), 0), coalesce(max(visible_ms), 0),
+                    coalesce((SELECT seq FROM seq_floor WHERE id = 1), 0)
+             FROM messages",
+        )
+        .fetch_one(&mut writer)
+        .await?;
+        let floor = top_seq.max(floor).saturating_add(SEQ_JUMP_AT_START);
         // Still with synchronous=FULL: durable before any poll is answered.
         sqlx::query(
-            "INSERT INTO sqlite_sequence (name, seq)
-             SELECT 'messages', 0 WHERE NOT EXISTS
-                 (SELECT 1 FROM sqlite_sequence WHERE name = 'messages')",
+            "INSERT INTO seq_floor (id, seq) VALUES (1, ?)
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq",
         )
+        .bind(floor)
         .execute(&mut writer)
         .await?;
-        sqlx::query("UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'messages'")
-            .bind(SEQ_JUMP_AT_START)
-            .execute(&mut writer)
-            .await?;
         // From here a commit is visible at once and durable once WalSync
         // has synced the log.
         sqlx::query("PRAGMA synchronous = NORMAL")
@@ -229,11 +254,6 @@ impl SqliteStore {
             .min_connections(1)
             .connect_with(options.clone().read_only(true))
             .await?;
-        let (top_seq, top_visible_ms): (i64, i64) = sqlx::query_as(
-            "SELECT coalesce(max(seq), 0), coalesce(max(visible_ms), 0) FROM messages",
-        )
-        .fetch_one(&mut writer)
-        .await?;
         let with_position: Vec<String> =
             sqlx::query_scalar("SELECT session FROM session_positions")
                 .fetch_all(&mut writer)
@@ -262,7 +282,8 @@ impl SqliteStore {
         let wrote = Arc::new(Notify::new());
         let writer_wrote = wrote.clone();
         on_ingest(async move {
-            run_writer(writer, rx, writer_memory, sync, &writer_wrote).await;
+            let seqs = Seqs { next: floor + 1 };
+            run_writer(writer, rx, writer_memory, seqs, sync, &writer_wrote).await;
             // The store is gone: the checkpointer ends too.
             writer_wrote.notify_one();
         })?;
@@ -356,12 +377,14 @@ async fn run_writer(
     mut conn: SqliteConnection,
     rx: mpsc::Receiver<Queued>,
     memory: Arc<InMemory>,
+    seqs: Seqs,
     sync: WalSync,
     wrote: &Notify,
 ) {
     let mut writer = Writer {
         rx,
         memory,
+        seqs,
         sync,
         wrote,
         ops: Vec::with_capacity(WRITES_PER_COMMIT),
@@ -459,6 +482,7 @@ struct Writer<'w> {
     /// Told after every round and write of positions (the checkpointer).
     wrote: &'w Notify,
     memory: Arc<InMemory>,
+    seqs: Seqs,
     sync: WalSync,
     /// The round being taken from the queue.
     ops: Vec<Queued>,
@@ -519,7 +543,7 @@ impl Writer<'_> {
 
     /// Commit the writes in [`Writer::ops`] as one round.
     async fn round(&mut self, exec: &mut Exec<'_, '_>) {
-        let (memory, sync) = (&*self.memory, &self.sync);
+        let (memory, sync, seqs) = (&*self.memory, &self.sync, &mut self.seqs);
         // Taken before the commit: at most ROUNDS_AWAITING_SYNC rounds are
         // visible and not yet durable.
         let slot = sync.slot().await;
@@ -581,7 +605,7 @@ impl Writer<'_> {
             let purge = round.pop();
             if !round.is_empty() {
                 commit(
-                    commit_round(exec, std::mem::take(&mut round), memory).await,
+                    commit_round(exec, std::mem::take(&mut round), memory, seqs).await,
                     &mut after_sync,
                 );
             }
@@ -590,7 +614,7 @@ impl Writer<'_> {
             }
             if let Some(purge) = purge {
                 commit(
-                    commit_round(exec, vec![purge], memory).await,
+                    commit_round(exec, vec![purge], memory, seqs).await,
                     &mut after_sync,
                 );
                 memory.forget_all();
@@ -598,7 +622,10 @@ impl Writer<'_> {
             round = rest;
         }
         if !round.is_empty() {
-            commit(commit_round(exec, round, memory).await, &mut after_sync);
+            commit(
+                commit_round(exec, round, memory, seqs).await,
+                &mut after_sync,
+            );
         }
         if !flushes.is_empty() || self.positions_due.is_some_and(|due| due <= Instant::now()) {
             self.positions_due = None;
@@ -775,10 +802,11 @@ async fn commit_round(
     exec: &mut Exec<'_, '_>,
     ops: Vec<WriteOp>,
     memory: &InMemory,
+    seqs: &mut Seqs,
 ) -> (Vec<Done>, Result<(), String>) {
     let conn = match exec {
         Exec::Sqlx(conn) => &mut **conn,
-        Exec::Direct(direct) => return commit_direct(direct, ops, memory),
+        Exec::Direct(direct) => return commit_direct(direct, ops, memory, seqs),
     };
     let mut done = Vec::with_capacity(ops.len());
     let mut fresh = Fresh::default();
@@ -793,7 +821,7 @@ async fn commit_round(
             } => Some((batch, now_ms, reply)),
             _ => None,
         });
-        insert_plain_group(conn, group.collect(), &mut done, &mut fresh.rows).await;
+        insert_plain_group(conn, group.collect(), seqs, &mut done, &mut fresh.rows).await;
         memory.learn(fresh);
         return (done, Ok(()));
     }
@@ -808,7 +836,7 @@ async fn commit_round(
                     reply,
                 } = op
                 else {
-                    done.push(apply_in_savepoint(&mut tx, op, &mut fresh).await);
+                    done.push(apply_in_savepoint(&mut tx, op, seqs, &mut fresh).await);
                     continue;
                 };
                 if !is_plain(&batch) {
@@ -817,7 +845,7 @@ async fn commit_round(
                         now_ms,
                         reply,
                     };
-                    done.push(apply_in_savepoint(&mut tx, op, &mut fresh).await);
+                    done.push(apply_in_savepoint(&mut tx, op, seqs, &mut fresh).await);
                     continue;
                 }
                 // Plain accepts queued one after another go in together.
@@ -837,7 +865,7 @@ async fn commit_round(
                         group.push((batch, now_ms, reply));
                     }
                 }
-                insert_plain_group(&mut tx, group, &mut done, &mut fresh.rows).await;
+                insert_plain_group(&mut tx, group, seqs, &mut done, &mut fresh.rows).await;
             }
             tx.commit().await.map_err(|e| e.to_string())
         }
@@ -851,7 +879,12 @@ async fn commit_round(
 
 /// Apply `op` in a savepoint of its own; what it changed joins `fresh` only
 /// when it succeeded.
-async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp, fresh: &mut Fresh) -> Done {
+async fn apply_in_savepoint(
+    conn: &mut SqliteConnection,
+    op: WriteOp,
+    seqs: &mut Seqs,
+    fresh: &mut Fresh,
+) -> Done {
     fn keep<T>(r: StoreResult<(T, Rows)>, fresh: &mut Fresh) -> StoreResult<T> {
         r.map(|(v, rows)| {
             fresh.rows.extend(rows);
@@ -884,11 +917,14 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp, fresh: &mu
             reply,
         } => Done::Accept(
             reply,
-            keep(in_savepoint!(c => insert_batch(c, batch, now_ms)), fresh),
+            keep(
+                in_savepoint!(c => insert_batch(c, batch, now_ms, seqs)),
+                fresh,
+            ),
         ),
         WriteOp::ReleaseDue { now_ms, reply } => Done::Users(
             reply,
-            keep(in_savepoint!(c => release_due(c, now_ms)), fresh),
+            keep(in_savepoint!(c => release_due(c, now_ms, seqs)), fresh),
         ),
         WriteOp::RevokeSession {
             jti,
@@ -920,7 +956,13 @@ async fn apply_in_savepoint(conn: &mut SqliteConnection, op: WriteOp, fresh: &mu
             policy,
             now_ms,
             reply,
-        } => Done::Purge(reply, in_savepoint!(c => purge(c, policy, now_ms))),
+        } => {
+            let highest_given = seqs.highest_given();
+            Done::Purge(
+                reply,
+                in_savepoint!(c => purge(c, policy, now_ms, highest_given)),
+            )
+        }
         WriteOp::RegisterOpaque {
             sid_hash,
             user,
@@ -992,7 +1034,7 @@ fn only_plain_accepts(ops: &[WriteOp]) -> bool {
     })
 }
 
-/// Rows one multi-row INSERT carries at most (6 parameters each, well
+/// Rows one multi-row INSERT carries at most (7 parameters each, well
 /// under SQLite's 32,766).
 const ROWS_PER_INSERT: usize = 1000;
 
@@ -1011,24 +1053,27 @@ fn is_plain(batch: &[NewMessage]) -> bool {
 /// trip to the database thread together instead of three each. Plain
 /// messages cannot fail one by one (no constraint can refuse them), so
 /// sharing the statement sinks no neighbour that would have gone in alone.
-/// Rows are inserted in order, so `seq` follows the queue order.
+/// `seq` follows the queue order.
 async fn insert_plain_group(
     conn: &mut SqliteConnection,
     group: PlainGroup,
+    seqs: &mut Seqs,
     done: &mut Vec<Done>,
     fresh: &mut Rows,
 ) {
     let count: usize = group.iter().map(|(b, _, _)| b.len()).sum();
-    let mut sql = String::with_capacity(100 + count * 14);
-    sql.push_str("INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms) VALUES ");
+    let mut sql = String::with_capacity(100 + count * 16);
+    sql.push_str(
+        "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms, seq) VALUES ",
+    );
     for i in 0..count {
         sql.push_str(if i == 0 {
-            "(?,?,?,?,?,?)"
+            "(?,?,?,?,?,?,?)"
         } else {
-            ",(?,?,?,?,?,?)"
+            ",(?,?,?,?,?,?,?)"
         });
     }
-    let (mut rows, mut outcomes) = plain_rows(group);
+    let (rows, mut outcomes) = plain_rows(group, seqs);
     let mut q = sqlx::query(&sql);
     for (mailbox, m) in &rows {
         q = q
@@ -1037,17 +1082,11 @@ async fn insert_plain_group(
             .bind(m.kind)
             .bind(&m.data)
             .bind(m.accepted_ms)
-            .bind(m.visible_ms);
+            .bind(m.visible_ms)
+            .bind(m.seq);
     }
     match q.execute(&mut *conn).await {
-        Ok(result) => {
-            // The rows of one INSERT take consecutive seqs in VALUES order:
-            // AUTOINCREMENT gives each row one more than the largest seq
-            // ever used, and this connection is the only writer.
-            let first = result.last_insert_rowid() - rows.len() as i64 + 1;
-            for (seq, (_, m)) in (first..).zip(rows.iter_mut()) {
-                m.seq = seq;
-            }
+        Ok(_) => {
             fresh.extend(rows);
             done.extend(
                 outcomes
@@ -1075,9 +1114,9 @@ async fn insert_plain_group(
 /// Plain batches that go in together.
 type PlainGroup = Vec<(Vec<NewMessage>, i64, AcceptReply)>;
 
-/// The rows of a plain group, in queue order, and each batch's reply with
-/// the outcomes it gets once they are stored.
-fn plain_rows(group: PlainGroup) -> (Rows, Vec<(AcceptReply, Vec<Accepted>)>) {
+/// The rows of a plain group, in queue order with their seqs, and each
+/// batch's reply with the outcomes it gets once they are stored.
+fn plain_rows(group: PlainGroup, seqs: &mut Seqs) -> (Rows, Vec<(AcceptReply, Vec<Accepted>)>) {
     let count: usize = group.iter().map(|(b, _, _)| b.len()).sum();
     let mut rows: Rows = Vec::with_capacity(count);
     let mut outcomes = Vec::with_capacity(group.len());
@@ -1090,7 +1129,7 @@ fn plain_rows(group: PlainGroup) -> (Rows, Vec<(AcceptReply, Vec<Accepted>)>) {
                 visible: true,
             });
             let row = StoredMessage {
-                seq: 0,
+                seq: seqs.take(),
                 id,
                 kind: m.kind,
                 accepted_ms: now_ms,
@@ -1112,6 +1151,7 @@ fn commit_direct(
     direct: &mut Direct<'_>,
     ops: Vec<WriteOp>,
     memory: &InMemory,
+    seqs: &mut Seqs,
 ) -> (Vec<Done>, Result<(), String>) {
     let mut done = Vec::with_capacity(ops.len());
     let mut group = Vec::with_capacity(ops.len());
@@ -1126,8 +1166,8 @@ fn commit_direct(
             op => Done::refused(op).send(&Err("not a plain write".to_owned())),
         }
     }
-    let (mut rows, outcomes) = plain_rows(group);
-    match direct.insert_messages(&mut rows) {
+    let (rows, outcomes) = plain_rows(group, seqs);
+    match direct.insert_messages(&rows) {
         Ok(()) => {
             memory.learn(Fresh { rows });
             done.extend(
@@ -1153,6 +1193,7 @@ async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: Vec<NewMessage>,
     now_ms: i64,
+    seqs: &mut Seqs,
 ) -> StoreResult<(Vec<Accepted>, Rows)> {
     let mut out = Vec::with_capacity(batch.len());
     let mut fresh = Rows::new();
@@ -1184,8 +1225,10 @@ async fn insert_batch(
             }
         }
         if m.delay_ms == 0 {
-            let seq = sqlx::query(
-                "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            let seq = seqs.take();
+            sqlx::query(
+                "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms, seq)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&id)
             .bind(&m.user)
@@ -1193,9 +1236,9 @@ async fn insert_batch(
             .bind(&m.data)
             .bind(now_ms)
             .bind(now_ms)
+            .bind(seq)
             .execute(&mut *conn)
-            .await?
-            .last_insert_rowid();
+            .await?;
             out.push(Accepted::Stored {
                 id: id.clone(),
                 visible: true,
@@ -1228,17 +1271,27 @@ async fn insert_batch(
     Ok((out, fresh))
 }
 
-async fn release_due(conn: &mut SqliteConnection, now_ms: i64) -> StoreResult<(Vec<String>, Rows)> {
+async fn release_due(
+    conn: &mut SqliteConnection,
+    now_ms: i64,
+    seqs: &mut Seqs,
+) -> StoreResult<(Vec<String>, Rows)> {
+    // Due messages take the next seqs in the order they fell due.
     let released: Vec<(i64, String, String, i64, String, i64)> = sqlx::query_as(
-        "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms)
-         SELECT id, mailbox, type, data, accepted_ms, ? FROM delayed_messages
-         WHERE due_ms <= ? ORDER BY due_ms, accepted_ms
+        "INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms, seq)
+         SELECT id, mailbox, type, data, accepted_ms, ?,
+                ? + row_number() OVER (ORDER BY due_ms, accepted_ms, id) - 1
+         FROM delayed_messages WHERE due_ms <= ?
          RETURNING seq, id, mailbox, type, data, accepted_ms",
     )
     .bind(now_ms)
+    .bind(seqs.next)
     .bind(now_ms)
     .fetch_all(&mut *conn)
     .await?;
+    if let Some(top) = released.iter().map(|r| r.0).max() {
+        seqs.next = top + 1;
+    }
     let fresh = released
         .into_iter()
         .map(|(seq, id, mailbox, kind, data, accepted_ms)| {
@@ -1264,22 +1317,31 @@ async fn release_due(conn: &mut SqliteConnection, now_ms: i64) -> StoreResult<(V
     Ok((users, fresh))
 }
 
+/// Delete what retention no longer keeps. The newest messages may go too,
+/// so the seq floor is raised to `highest_given` first: no seq is given
+/// twice, even across a restart.
 async fn purge(
     conn: &mut SqliteConnection,
     policy: RetentionPolicy,
     now_ms: i64,
+    highest_given: i64,
 ) -> StoreResult<PurgeReport> {
     let cutoff = now_ms - policy.max_age_ms;
     let mut report = PurgeReport::default();
+    sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
+        .bind(highest_given)
+        .execute(&mut *conn)
+        .await?;
     report.messages += sqlx::query("DELETE FROM messages WHERE visible_ms < ?")
         .bind(cutoff)
         .execute(&mut *conn)
         .await?
         .rows_affected();
     report.messages += sqlx::query(
-        "DELETE FROM messages WHERE seq IN (
-            SELECT seq FROM (
-                SELECT seq, row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
+        "DELETE FROM messages WHERE (mailbox, seq) IN (
+            SELECT mailbox, seq FROM (
+                SELECT mailbox, seq,
+                       row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
                 FROM messages
             ) WHERE rn > ?
         )",
@@ -1674,6 +1736,106 @@ mod tests {
             .map(|m| m.seq)
             .collect();
         assert_eq!(after, vec![second]);
+    }
+
+    /// A purge may delete the newest messages; their seqs are never given
+    /// again, in the same run or after a restart, so a cursor that passed
+    /// them still finds what comes next.
+    #[tokio::test]
+    async fn a_purge_of_the_newest_messages_gives_no_seq_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        let everything = RetentionPolicy {
+            max_messages_per_user: 1,
+            max_age_ms: 0,
+        };
+        let seqs_of = |found: Vec<StoredMessage>| found.iter().map(|m| m.seq).collect::<Vec<_>>();
+        let store = SqliteStore::open(&url).await.unwrap();
+        store
+            .accept(vec![plain("a", 1), plain("a", 2)], 1_000)
+            .await
+            .unwrap();
+        let cursor = *seqs_of(store.fetch("a", 0, 0, 10).await.unwrap())
+            .last()
+            .unwrap();
+        let purged = store.purge(everything, 5_000).await.unwrap();
+        assert_eq!(purged.messages, 2);
+        store.accept(vec![plain("a", 3)], 6_000).await.unwrap();
+        let next = seqs_of(store.fetch("a", cursor, 0, 10).await.unwrap());
+        assert_eq!(
+            next.len(),
+            1,
+            "the message after the purge, past the cursor"
+        );
+        store.purge(everything, 9_000).await.unwrap();
+        store.flush().await.unwrap();
+        drop(store);
+        // Without the floor, the first seq after the restart would be the
+        // jump above the largest seq left in the file, none.
+        let store = SqliteStore::open(&url).await.unwrap();
+        store.accept(vec![plain("a", 4)], 10_000).await.unwrap();
+        let after_restart = seqs_of(store.fetch("a", next[0], 0, 10).await.unwrap());
+        assert_eq!(after_restart.len(), 1);
+        assert!(
+            after_restart[0] > next[0] + SEQ_JUMP_AT_START,
+            "seq {} after the restart, {} before",
+            after_restart[0],
+            next[0]
+        );
+    }
+
+    /// A file made before messages were kept by mailbox keeps its rows and
+    /// seqs, and gives no seq that AUTOINCREMENT had given, even one whose
+    /// row is gone.
+    #[tokio::test]
+    async fn a_file_from_before_seq_floor_keeps_its_rows_and_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        {
+            let mut old = SqliteConnection::connect_with(
+                &SqliteConnectOptions::new()
+                    .filename(sqlite_path(&url))
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+            let mut before = sqlx::migrate!("./migrations/sqlite");
+            let kept: Vec<_> = before
+                .migrations
+                .iter()
+                .filter(|m| m.version < 4)
+                .cloned()
+                .collect();
+            assert_eq!(kept.len(), 3);
+            before.migrations = kept.into();
+            before.run(&mut old).await.unwrap();
+            for (seq, user) in [(7, "a"), (8, "b"), (900, "a")] {
+                sqlx::query(
+                    "INSERT INTO messages (seq, id, mailbox, type, data, accepted_ms, visible_ms)
+                     VALUES (?, ?, ?, 70, '{}', 1000, 1000)",
+                )
+                .bind(seq)
+                .bind(format!("m{seq}"))
+                .bind(user)
+                .execute(&mut old)
+                .await
+                .unwrap();
+            }
+            sqlx::query("DELETE FROM messages WHERE seq = 900")
+                .execute(&mut old)
+                .await
+                .unwrap();
+        }
+        let store = SqliteStore::open(&url).await.unwrap();
+        let a = store.fetch("a", 0, 0, 10).await.unwrap();
+        assert_eq!(
+            a.iter().map(|m| (m.seq, m.id.as_str())).collect::<Vec<_>>(),
+            [(7, "m7")]
+        );
+        assert_eq!(store.fetch("b", 7, 0, 10).await.unwrap()[0].seq, 8);
+        store.accept(vec![plain("a", 1)], 2_000).await.unwrap();
+        let new = store.fetch("a", 7, 0, 10).await.unwrap();
+        assert!(new[0].seq > 900 + SEQ_JUMP_AT_START, "seq {}", new[0].seq);
     }
 
     /// Positions are written behind, many to a statement, the larger of

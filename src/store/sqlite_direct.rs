@@ -19,8 +19,8 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 const INSERT_MESSAGE: &CStr =
-    c"INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+    c"INSERT INTO messages (id, mailbox, type, data, accepted_ms, visible_ms, seq)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 const UPSERT_POSITION: &CStr = c"INSERT INTO session_positions (session, mailbox, seq, updated_ms)
      VALUES (?1, ?2, ?3, ?4)
      ON CONFLICT (session) DO UPDATE
@@ -30,7 +30,6 @@ const UPSERT_POSITION: &CStr = c"INSERT INTO session_positions (session, mailbox
 /// they borrow it, and are finalized before it goes back to sqlx (which
 /// refuses to close a connection with statements still open).
 pub struct Direct<'h> {
-    db: NonNull<ffi::sqlite3>,
     begin: Statement,
     commit: Statement,
     rollback: Statement,
@@ -46,7 +45,6 @@ impl<'h> Direct<'h> {
     pub fn prepare(handle: &'h mut LockedSqliteHandle<'_>) -> Result<Self, String> {
         let db = handle.as_raw_handle();
         Ok(Direct {
-            db,
             begin: Statement::prepare(db, c"BEGIN")?,
             commit: Statement::prepare(db, c"COMMIT")?,
             rollback: Statement::prepare(db, c"ROLLBACK")?,
@@ -56,11 +54,11 @@ impl<'h> Direct<'h> {
         })
     }
 
-    /// Store `rows` (mailbox, message) in one transaction, in order, and
-    /// give each its `seq`. All or nothing.
-    pub fn insert_messages(&mut self, rows: &mut [(String, StoredMessage)]) -> Result<(), String> {
+    /// Store `rows` (mailbox, message, its `seq` given) in one
+    /// transaction. All or nothing.
+    pub fn insert_messages(&mut self, rows: &[(String, StoredMessage)]) -> Result<(), String> {
         self.in_transaction(rows.len(), |d| {
-            for (mailbox, m) in rows.iter_mut() {
+            for (mailbox, m) in rows {
                 let s = &mut d.insert_message;
                 s.bind_text(1, &m.id)?;
                 s.bind_text(2, mailbox)?;
@@ -68,9 +66,8 @@ impl<'h> Direct<'h> {
                 s.bind_text(4, &m.data)?;
                 s.bind_i64(5, m.accepted_ms)?;
                 s.bind_i64(6, m.visible_ms)?;
+                s.bind_i64(7, m.seq)?;
                 s.run()?;
-                // SAFETY: the handle is lent to this thread (see `Direct`).
-                m.seq = unsafe { ffi::sqlite3_last_insert_rowid(d.db.as_ptr()) };
             }
             Ok(())
         })
