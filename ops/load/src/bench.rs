@@ -171,6 +171,11 @@ impl Ingest {
 #[derive(Default)]
 struct Sent {
     acked: Vec<u64>,
+    /// For each request acknowledged, µs from sending it to its answer.
+    ack_us: Vec<u32>,
+    /// At a fixed rate, the longest a notify left after it was due: a lane
+    /// sends its next notify only once the last one is answered.
+    late_max_us: u32,
     errors: u64,
     first_error: Option<String>,
 }
@@ -178,15 +183,21 @@ struct Sent {
 impl Sent {
     fn merge(&mut self, other: Sent) {
         self.acked.extend(other.acked);
+        self.ack_us.extend(other.ack_us);
+        self.late_max_us = self.late_max_us.max(other.late_max_us);
         self.errors += other.errors;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
     }
 
-    fn note(&mut self, r: anyhow::Result<()>, ks: impl IntoIterator<Item = u64>) {
+    /// The outcome `r` of a request sent at `sent` for the messages `ks`.
+    fn note(&mut self, r: anyhow::Result<()>, ks: impl IntoIterator<Item = u64>, sent: Instant) {
         match r {
-            Ok(()) => self.acked.extend(ks),
+            Ok(()) => {
+                self.acked.extend(ks);
+                self.ack_us.push(micros(sent.elapsed()));
+            }
             Err(e) => {
                 self.errors += 1;
                 if self.first_error.is_none() {
@@ -380,6 +391,7 @@ async fn measure_server(
         errors: sent.errors,
         delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
         latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
+        ack_latency: stats::latency(sent.ack_us.clone()),
     };
     let single_phase = phase(&single, single_secs, single_cpu, SINGLE, "single notifies");
     let rate_phase = phase(
@@ -415,6 +427,7 @@ async fn measure_server(
         single: single_phase,
         rate: RatePhase {
             target_per_s: args.rate,
+            sent_late_max_ms: f64::from(rate.late_max_us) / 1000.0,
             phase: rate_phase,
         },
         batch: batch_phase,
@@ -424,6 +437,11 @@ async fn measure_server(
         send_errors: single.errors + rate.errors + batch.errors,
         first_send_error,
     })
+}
+
+/// `d` in whole µs, saturating.
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 fn phase_base(p: u8) -> u64 {
@@ -461,13 +479,17 @@ async fn send_singles(
                 let t = match rate {
                     Some(r) => {
                         let offset = Duration::from_nanos(i as u64 * 1_000_000_000 / u64::from(r));
-                        tokio::time::sleep_until(start + offset).await;
+                        let due = start + offset;
+                        tokio::time::sleep_until(due).await;
+                        let late = micros(due.elapsed());
+                        sent.late_max_us = sent.late_max_us.max(late);
                         start_ns + offset.as_nanos() as u64
                     }
                     None => crate::mono_ns(),
                 };
+                let at = Instant::now();
                 let r = ingest.one(&mut conn, u, Payload { k, p, t }).await;
-                sent.note(r, [k]);
+                sent.note(r, [k], at);
             }
             (conn, sent)
         });
@@ -510,8 +532,9 @@ async fn send_batches(
                     .iter()
                     .map(|&(u, p, k)| (pns::user(u), Payload { k, p, t }))
                     .collect();
+                let at = Instant::now();
                 let r = api.notify_batch(&mut conn, &items).await;
-                sent.note(r, b.iter().map(|m| m.2));
+                sent.note(r, b.iter().map(|m| m.2), at);
             }
             sent
         });
@@ -664,5 +687,33 @@ impl WorkerProc {
             .context("worker did not answer in time")??
             .context("worker exited")?;
         serde_json::from_str(&line).context("bad line from a worker")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each acknowledged request adds its acknowledgement time, a refused
+    /// one none; lanes merged keep the latest send of all.
+    #[test]
+    fn sent_keeps_acknowledgement_times_and_the_latest_send() {
+        let long_ago = Instant::now() - Duration::from_millis(30);
+        let mut lane = Sent {
+            late_max_us: 5_000,
+            ..Sent::default()
+        };
+        lane.note(Ok(()), [1, 2], long_ago);
+        lane.note(Err(anyhow::anyhow!("refused")), [3], long_ago);
+        let mut all = Sent {
+            late_max_us: 7_000,
+            ..Sent::default()
+        };
+        all.merge(lane);
+        assert_eq!(all.acked, [1, 2]);
+        assert_eq!(all.ack_us.len(), 1);
+        assert!(all.ack_us[0] >= 30_000, "{:?}", all.ack_us);
+        assert_eq!(all.late_max_us, 7_000);
+        assert_eq!(all.errors, 1);
     }
 }

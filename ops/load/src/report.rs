@@ -21,12 +21,21 @@ pub struct Phase {
     /// per message, in µs.
     pub server_cpu_us_per_msg: f64,
     pub delivery: Delivery,
+    /// Notify due → message in the poller's hands.
     pub latency: Latency,
+    /// Request sent → its acknowledgement (a batch's, in batches).
+    pub ack_latency: Latency,
 }
 
 #[derive(Debug, Serialize)]
 pub struct RatePhase {
     pub target_per_s: u32,
+    /// The longest a notify left after it was due. Each sender connection
+    /// sends its next notify only once the last is acknowledged, so an
+    /// acknowledgement slower than the connections' round (64 connections
+    /// at 1,000/s: 64 ms) delays the next one; its delivery latency counts
+    /// from when it was due, and so includes the delay.
+    pub sent_late_max_ms: f64,
     #[serde(flatten)]
     pub phase: Phase,
 }

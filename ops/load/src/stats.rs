@@ -5,7 +5,8 @@
 use serde::Serialize;
 use std::collections::HashMap;
 
-/// Delivery latency of one phase, notify due → message in the poller's hands.
+/// Latency percentiles of one phase: of deliveries (notify due → message in
+/// the poller's hands), or of acknowledgements.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Latency {
     pub samples: usize,
