@@ -16,7 +16,7 @@ fi
 exec timeout 120 "target/$profile/pns-load" bench \
     --pns-bin "target/$profile/pns" \
     --skip-missing-nchan --must-pass pns \
-    --users 200 --workers 2 --senders 16 \
+    --rounds 1 --users 200 --workers 2 --senders 16 \
     --rate 200 --rate-secs 2 \
     --batch 100 --batch-total 1000 \
     --idle-secs 1 --settle-secs 1 --phase-limit-secs 30 \

@@ -43,6 +43,12 @@ pub struct BenchArgs {
     /// The servers to measure, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "pns,nchan")]
     pub targets: Vec<TargetKind>,
+    /// Times each target is measured, taking turns (PNS, Nchan, PNS, …):
+    /// the comparison is of each figure's median over the rounds, with how
+    /// many rounds went each way, so one noisy phase on a shared machine
+    /// does not decide a figure.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub rounds: u32,
     /// The targets whose failures (a poll not held, a notify refused, a
     /// message lost or received twice) make the exit status non-zero
     /// (default: all).
@@ -105,7 +111,7 @@ pub struct BenchArgs {
 /// Returns whether every target delivered every message exactly once.
 pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     crate::raise_open_file_limit();
-    let mut targets = Vec::new();
+    let mut kinds = Vec::new();
     let mut notes = Vec::new();
     for &kind in &args.targets {
         if kind == TargetKind::Nchan && !nchan_installed(&args) {
@@ -121,7 +127,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             notes.push(note);
             continue;
         }
-        targets.push(measure(kind, &args).await?);
+        kinds.push(kind);
+    }
+    let mut targets = Vec::new();
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            eprintln!("pns-load: round {round} of {}", args.rounds);
+        }
+        for &kind in &kinds {
+            let mut report = measure(kind, &args).await?;
+            report.round = round;
+            targets.push(report);
+        }
     }
     let run = report::Run::new(&args, targets, notes);
     report::write_json(&args.out, &run)?;
@@ -411,6 +428,7 @@ async fn measure_server(
         |idle: u64, held_kib: u64| (held_kib.saturating_sub(idle)) as f64 / f64::from(n.max(1));
     Ok(TargetReport {
         target: name,
+        round: 1,
         users: n,
         workers: worker_count,
         held,

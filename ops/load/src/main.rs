@@ -46,7 +46,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the benchmark against each target in turn and report.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// One shard of held polls (started by `bench`; talks JSON lines on stdio).
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -144,7 +144,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench(args) => bench::run(*args).await,
             Command::Worker(args) => worker::run(args).await.map(|()| true),
         }
     });

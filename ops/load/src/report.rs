@@ -7,7 +7,7 @@ use crate::stats::{Delivery, Latency};
 use serde::Serialize;
 use std::path::Path;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Phase {
     /// Messages acknowledged by the server.
     pub messages: u64,
@@ -27,7 +27,7 @@ pub struct Phase {
     pub ack_latency: Latency,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct RatePhase {
     pub target_per_s: u32,
     /// The longest a notify left after it was due. Each sender connection
@@ -40,9 +40,11 @@ pub struct RatePhase {
     pub phase: Phase,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct TargetReport {
     pub target: &'static str,
+    /// Which of the run's rounds (from 1) this measurement was.
+    pub round: u32,
     pub users: u32,
     pub workers: u32,
     /// Polls the server said it held at the end of the ramp.
@@ -90,7 +92,7 @@ pub struct Machine {
     pub nchan_version: Option<String>,
 }
 
-/// One figure of PNS against Nchan's.
+/// One figure of PNS against Nchan's: the medians over the rounds.
 #[derive(Debug, Serialize)]
 pub struct Comparison {
     pub figure: &'static str,
@@ -99,8 +101,12 @@ pub struct Comparison {
     /// pns / nchan.
     pub ratio: f64,
     pub lower_is_better: bool,
-    /// PNS at least as good as Nchan.
+    /// PNS's median at least as good as Nchan's.
     pub pns_as_good: bool,
+    /// Rounds in which both were measured.
+    pub rounds: u32,
+    /// Rounds in which PNS's figure was at least as good as Nchan's.
+    pub rounds_pns_as_good: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +119,7 @@ pub struct Settings {
     pub batch_total: u32,
     pub batch_concurrency: usize,
     pub idle_secs: u64,
+    pub rounds: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -120,6 +127,7 @@ pub struct Run {
     pub unix_time: u64,
     pub machine: Machine,
     pub settings: Settings,
+    /// Every measurement, in the order taken (round by round).
     pub targets: Vec<TargetReport>,
     pub comparison: Vec<Comparison>,
     pub notes: Vec<String>,
@@ -143,6 +151,7 @@ impl Run {
                 batch_total: args.batch_total,
                 batch_concurrency: args.batch_concurrency,
                 idle_secs: args.idle_secs,
+                rounds: args.rounds,
             },
             targets,
             comparison,
@@ -151,88 +160,95 @@ impl Run {
     }
 }
 
+/// A figure: its name, how to read it off a measurement, and whether lower
+/// is better.
+type Figure = (&'static str, fn(&TargetReport) -> f64, bool);
+
+/// The figures compared, in the order reported.
+const FIGURES: &[Figure] = &[
+    ("ramp_s", |t| t.ramp_s.unwrap_or(f64::INFINITY), true),
+    ("rss_per_poll_kib", |t| t.rss_per_poll_kib, true),
+    ("pss_per_poll_kib", |t| t.pss_per_poll_kib, true),
+    ("rss_end_per_poll_kib", |t| t.rss_end_per_poll_kib, true),
+    ("idle_cpu_pct", |t| t.idle_cpu_pct, true),
+    ("single_per_s", |t| t.single.per_s, false),
+    ("batch_per_s", |t| t.batch.per_s, false),
+    (
+        "single_cpu_us_per_msg",
+        |t| t.single.server_cpu_us_per_msg,
+        true,
+    ),
+    (
+        "batch_cpu_us_per_msg",
+        |t| t.batch.server_cpu_us_per_msg,
+        true,
+    ),
+    (
+        "rate_cpu_us_per_msg",
+        |t| t.rate.phase.server_cpu_us_per_msg,
+        true,
+    ),
+    ("rate_p50_ms", |t| t.rate.phase.latency.p50_ms, true),
+    ("rate_p99_ms", |t| t.rate.phase.latency.p99_ms, true),
+    ("rate_max_ms", |t| t.rate.phase.latency.max_ms, true),
+    ("lost", |t| t.delivery.lost as f64, true),
+];
+
+/// Each figure of PNS against Nchan's: medians over the rounds in which
+/// both were measured, and the rounds that went PNS's way.
 fn compare(targets: &[TargetReport]) -> Vec<Comparison> {
-    let (Some(p), Some(n)) = (
-        targets.iter().find(|t| t.target == "pns"),
-        targets.iter().find(|t| t.target == "nchan"),
-    ) else {
+    let pairs: Vec<(&TargetReport, &TargetReport)> = targets
+        .iter()
+        .filter(|p| p.target == "pns")
+        .filter_map(|p| {
+            targets
+                .iter()
+                .find(|n| n.target == "nchan" && n.round == p.round)
+                .map(|n| (p, n))
+        })
+        .collect();
+    if pairs.is_empty() {
         return Vec::new();
+    }
+    let as_good = |pns: f64, nchan: f64, lower_is_better: bool| {
+        if lower_is_better {
+            pns <= nchan
+        } else {
+            pns >= nchan
+        }
     };
-    let lost = |t: &TargetReport| t.delivery.lost as f64;
-    let rows: Vec<(&'static str, f64, f64, bool)> = vec![
-        (
-            "ramp_s",
-            p.ramp_s.unwrap_or(f64::INFINITY),
-            n.ramp_s.unwrap_or(f64::INFINITY),
-            true,
-        ),
-        (
-            "rss_per_poll_kib",
-            p.rss_per_poll_kib,
-            n.rss_per_poll_kib,
-            true,
-        ),
-        (
-            "pss_per_poll_kib",
-            p.pss_per_poll_kib,
-            n.pss_per_poll_kib,
-            true,
-        ),
-        (
-            "rss_end_per_poll_kib",
-            p.rss_end_per_poll_kib,
-            n.rss_end_per_poll_kib,
-            true,
-        ),
-        ("idle_cpu_pct", p.idle_cpu_pct, n.idle_cpu_pct, true),
-        ("single_per_s", p.single.per_s, n.single.per_s, false),
-        ("batch_per_s", p.batch.per_s, n.batch.per_s, false),
-        (
-            "single_cpu_us_per_msg",
-            p.single.server_cpu_us_per_msg,
-            n.single.server_cpu_us_per_msg,
-            true,
-        ),
-        (
-            "batch_cpu_us_per_msg",
-            p.batch.server_cpu_us_per_msg,
-            n.batch.server_cpu_us_per_msg,
-            true,
-        ),
-        (
-            "rate_p50_ms",
-            p.rate.phase.latency.p50_ms,
-            n.rate.phase.latency.p50_ms,
-            true,
-        ),
-        (
-            "rate_p99_ms",
-            p.rate.phase.latency.p99_ms,
-            n.rate.phase.latency.p99_ms,
-            true,
-        ),
-        (
-            "rate_max_ms",
-            p.rate.phase.latency.max_ms,
-            n.rate.phase.latency.max_ms,
-            true,
-        ),
-        ("lost", lost(p), lost(n), true),
-    ];
-    rows.into_iter()
-        .map(|(figure, pns, nchan, lower_is_better)| Comparison {
-            figure,
-            pns,
-            nchan,
-            ratio: if nchan == 0.0 { f64::NAN } else { pns / nchan },
-            lower_is_better,
-            pns_as_good: if lower_is_better {
-                pns <= nchan
-            } else {
-                pns >= nchan
-            },
+    FIGURES
+        .iter()
+        .map(|&(figure, read, lower_is_better)| {
+            let pns = median(pairs.iter().map(|(p, _)| read(p)).collect());
+            let nchan = median(pairs.iter().map(|(_, n)| read(n)).collect());
+            Comparison {
+                figure,
+                pns,
+                nchan,
+                ratio: if nchan == 0.0 { f64::NAN } else { pns / nchan },
+                lower_is_better,
+                pns_as_good: as_good(pns, nchan, lower_is_better),
+                rounds: pairs.len() as u32,
+                rounds_pns_as_good: pairs
+                    .iter()
+                    .filter(|(p, n)| as_good(read(p), read(n), lower_is_better))
+                    .count() as u32,
+            }
         })
         .collect()
+}
+
+/// The middle value (the mean of the two middle ones for an even count);
+/// NaN for none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 fn machine(args: &BenchArgs) -> Machine {
@@ -279,32 +295,98 @@ pub fn write_json(path: &Path, run: &Run) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every target's headline figures on one line.
+/// Every target's headline figures on one line: with several rounds, each
+/// figure is the median over them, and the target is OK only if every
+/// round was.
 pub fn summary_line(run: &Run) -> String {
-    let parts: Vec<String> = run
-        .targets
-        .iter()
-        .map(|t| {
-            let l = &t.rate.phase.latency;
+    let mut kinds: Vec<&'static str> = Vec::new();
+    for t in &run.targets {
+        if !kinds.contains(&t.target) {
+            kinds.push(t.target);
+        }
+    }
+    let parts: Vec<String> = kinds
+        .into_iter()
+        .map(|target| {
+            let runs: Vec<&TargetReport> =
+                run.targets.iter().filter(|t| t.target == target).collect();
+            let mid = |read: fn(&TargetReport) -> f64| median(runs.iter().map(|t| read(t)).collect());
+            let all_held = runs.iter().all(|t| t.ramp_s.is_some());
+            let ramp = mid(|t| t.ramp_s.unwrap_or(f64::INFINITY));
             format!(
                 "{}: {} {} held, ramp {}, {:.2} KiB/poll, idle CPU {:.2}%, single {:.0}/s, batch {:.0}/s, \
-                 p50/p99/max {:.1}/{:.1}/{:.1} ms at {}/s, lost {}, twice {}",
-                t.target,
-                if t.passed() { "OK" } else { "FAIL" },
-                t.held,
-                t.ramp_s.map_or("incomplete".into(), |s| format!("{s:.2} s")),
-                t.rss_per_poll_kib,
-                t.idle_cpu_pct,
-                t.single.per_s,
-                t.batch.per_s,
-                l.p50_ms,
-                l.p99_ms,
-                l.max_ms,
-                t.rate.target_per_s,
-                t.delivery.lost,
-                t.delivery.duplicated,
+                 p50/p99/max {:.1}/{:.1}/{:.1} ms at {}/s, lost {}, twice {}{}",
+                target,
+                if runs.iter().all(|t| t.passed()) { "OK" } else { "FAIL" },
+                runs.iter().map(|t| t.held).min().unwrap_or_default(),
+                if all_held { format!("{ramp:.2} s") } else { "incomplete".into() },
+                mid(|t| t.rss_per_poll_kib),
+                mid(|t| t.idle_cpu_pct),
+                mid(|t| t.single.per_s),
+                mid(|t| t.batch.per_s),
+                mid(|t| t.rate.phase.latency.p50_ms),
+                mid(|t| t.rate.phase.latency.p99_ms),
+                mid(|t| t.rate.phase.latency.max_ms),
+                run.settings.rate,
+                runs.iter().map(|t| t.delivery.lost).sum::<u64>(),
+                runs.iter().map(|t| t.delivery.duplicated).sum::<u64>(),
+                if runs.len() > 1 {
+                    format!(" (medians of {} rounds)", runs.len())
+                } else {
+                    String::new()
+                },
             )
         })
         .collect();
     format!("pns-load: {}", parts.join(" | "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(target: &'static str, round: u32, ramp_s: f64, single_per_s: f64) -> TargetReport {
+        let mut t = TargetReport {
+            target,
+            round,
+            ramp_s: Some(ramp_s),
+            ..TargetReport::default()
+        };
+        t.single.per_s = single_per_s;
+        t
+    }
+
+    fn row<'a>(rows: &'a [Comparison], figure: &str) -> &'a Comparison {
+        rows.iter().find(|c| c.figure == figure).unwrap()
+    }
+
+    #[test]
+    fn figures_are_compared_by_their_medians_over_the_rounds() {
+        let targets = vec![
+            measured("pns", 1, 1.0, 100.0),
+            measured("nchan", 1, 2.0, 300.0),
+            measured("pns", 2, 3.0, 200.0),
+            measured("nchan", 2, 1.5, 100.0),
+            measured("pns", 3, 1.2, 150.0),
+            measured("nchan", 3, 1.1, 200.0),
+            // A round without its Nchan measurement is not compared.
+            measured("pns", 4, 0.1, 1e9),
+        ];
+        let rows = compare(&targets);
+        let ramp = row(&rows, "ramp_s");
+        assert_eq!((ramp.pns, ramp.nchan), (1.2, 1.5));
+        assert!(ramp.pns_as_good && ramp.lower_is_better);
+        assert_eq!((ramp.rounds, ramp.rounds_pns_as_good), (3, 1));
+        let single = row(&rows, "single_per_s");
+        assert_eq!((single.pns, single.nchan), (150.0, 200.0));
+        assert!(!single.pns_as_good && !single.lower_is_better);
+        assert_eq!(single.rounds_pns_as_good, 1);
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![5.0]), 5.0);
+        assert!(median(Vec::new()).is_nan());
+    }
 }
