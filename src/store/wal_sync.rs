@@ -15,7 +15,11 @@
 //! thread waits for a first round, and when the messages waiting reach
 //! [`SYNC_AT_ONCE`]. The rounds in between join the sync without a wake;
 //! at 1,000 lone notifies a second each wake had cost both threads a
-//! context switch.
+//! context switch. And while rounds keep coming the thread does not wait
+//! for a first round at all: after a sync that served several rounds the
+//! next window starts at once, on the thread's own timer, and only a
+//! window that passes without a round sends it back to waiting for one
+//! (so an idle node sleeps).
 //!
 //! The answers are run by a task on the writer's thread ([`Answering`]):
 //! the callers waiting for them are tasks there, and waking many tasks of
@@ -56,7 +60,8 @@ struct Round {
 }
 
 /// How long a sync may wait for more rounds to share it, from the first
-/// round handed over. Polls do not wait for syncs, acknowledgements do:
+/// round handed over (or, while rounds keep coming, from the last sync).
+/// Polls do not wait for syncs, acknowledgements do:
 /// a lone notify is acknowledged this much later, and at a steady trickle
 /// of notifies each sync (about 50 µs of CPU here) serves several.
 const SYNC_DELAY: Duration = Duration::from_millis(4);
@@ -268,10 +273,20 @@ fn run(
     failed: &AtomicBool,
 ) {
     let mut failure: Option<String> = None;
+    // Where the next sync's window starts without waiting for a round:
+    // right after a sync that served several rounds.
+    let mut cadence = None;
     loop {
-        let Some(rounds) = gather(handover) else {
+        let Some(rounds) = gather(handover, cadence) else {
             break;
         };
+        if rounds.is_empty() {
+            // A window on the cadence passed without a round: the stream
+            // has stopped, so wait for the next round (a wake) again.
+            cadence = None;
+            continue;
+        }
+        let several = rounds.len() > 1;
         let outcome = match &failure {
             Some(why) => Err(why.clone()),
             None => wal.sync_data().map_err(|e| {
@@ -288,6 +303,7 @@ fn run(
             // No task answers (its runtime is gone): answer here.
             answer(rounds, &outcome);
         }
+        cadence = several.then(Instant::now);
     }
     if failure.is_none() {
         let _ = wal.sync_data();
@@ -295,24 +311,35 @@ fn run(
 }
 
 /// The rounds of the next sync: every round handed over until
-/// [`SYNC_DELAY`] after the first, or until [`SYNC_AT_ONCE`] messages
-/// wait. `None` once the store is gone and every round is synced.
-fn gather(handover: &Handover) -> Option<Vec<Round>> {
+/// [`SYNC_DELAY`] after the window starts, or until [`SYNC_AT_ONCE`]
+/// messages wait. The window starts at `cadence` when given (none of the
+/// rounds in it wakes the thread; empty if none came), else at the first
+/// round, which the thread waits for. `None` once the store is gone and
+/// every round is synced.
+fn gather(handover: &Handover, cadence: Option<Instant>) -> Option<Vec<Round>> {
     let mut pending = handover.pending.lock().ok()?;
-    while pending.rounds.is_empty() {
-        if pending.closed {
-            return None;
+    let since = match cadence {
+        Some(since) => since,
+        None => {
+            while pending.rounds.is_empty() {
+                if pending.closed {
+                    return None;
+                }
+                pending.thread = Thread::WaitsForARound;
+                pending = handover.wake.wait(pending).ok()?;
+            }
+            pending.first_at.unwrap_or_else(Instant::now)
         }
-        pending.thread = Thread::WaitsForARound;
-        pending = handover.wake.wait(pending).ok()?;
-    }
-    let since = pending.first_at.unwrap_or_else(Instant::now);
+    };
     while pending.waiting < SYNC_AT_ONCE && !pending.closed {
         let Some(left) = SYNC_DELAY.checked_sub(since.elapsed()) else {
             break;
         };
         pending.thread = Thread::Gathers;
         pending = handover.wake.wait_timeout(pending, left).ok()?.0;
+    }
+    if pending.closed && pending.rounds.is_empty() {
+        return None;
     }
     pending.thread = Thread::Busy;
     pending.waiting = 0;
@@ -383,6 +410,50 @@ mod tests {
         }
         assert!(!sync.healthy());
         assert!(!sync.health().ok());
+    }
+
+    /// While rounds keep coming the thread gathers on its own timer; once
+    /// they stop it goes back to waiting for a wake, so an idle node does
+    /// not wake every few milliseconds.
+    #[tokio::test]
+    async fn after_a_stream_of_rounds_the_thread_waits_for_the_next() {
+        let (_dir, sync) = started();
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            let (answered, answer) = tokio::sync::oneshot::channel();
+            sync.after_sync(
+                sync.slot().await,
+                1,
+                Box::new(move |synced| drop(answered.send(synced.clone()))),
+            );
+            answers.push(answer);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for answer in answers {
+            assert_eq!(answer.await.unwrap(), Ok(()));
+        }
+        let waits = || {
+            matches!(
+                sync.handover.pending.lock().unwrap().thread,
+                Thread::WaitsForARound
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !waits() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            waits(),
+            "the sync thread still gathers with no round coming"
+        );
+        // And a round after the pause is still synced and answered.
+        let (answered, answer) = tokio::sync::oneshot::channel();
+        sync.after_sync(
+            sync.slot().await,
+            1,
+            Box::new(move |synced| drop(answered.send(synced.clone()))),
+        );
+        assert_eq!(answer.await.unwrap(), Ok(()));
     }
 
     #[tokio::test]
