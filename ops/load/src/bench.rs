@@ -2,7 +2,8 @@
 //! have the workers ramp up one held poll per user, measure it holding them,
 //! then run the notify phases and tally what arrived.
 //!
-//! The phases, each waiting until its messages arrived before the next:
+//! The phases, each waiting until its messages arrived and the server
+//! holds every poll again before the next:
 //!
 //! 1. *single*: every user is sent exactly one message, as fast as the
 //!    sender connections go (single notifies); its tally is the "all
@@ -332,6 +333,7 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "single")
         .await?;
+    let single_held_again = held_again(&ingest, &mut control, n, limit).await?;
     let single_cpu = cpu() - c;
 
     // 2. A fixed rate, each message stamped with when it was due.
@@ -350,6 +352,7 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "rate")
         .await?;
+    let rate_held_again = held_again(&ingest, &mut control, n, limit).await?;
     let rate_cpu = cpu() - c;
 
     // 3. Batches.
@@ -371,6 +374,7 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "batch")
         .await?;
+    let batch_held_again = held_again(&ingest, &mut control, n, limit).await?;
     let batch_cpu = cpu() - c;
     drop(senders);
     // The polls are held again by now; what answering them left behind,
@@ -399,26 +403,45 @@ async fn measure_server(
     let mut all_acked = single.acked.clone();
     all_acked.extend(&rate.acked);
     all_acked.extend(&batch.acked);
-    let mut phase = |sent: &Sent, secs: f64, cpu: f64, p: u8, mode: &'static str| Phase {
-        messages: sent.acked.len() as u64,
-        server_cpu_us_per_msg: cpu * 1e6 / (sent.acked.len().max(1) as f64),
-        seconds: secs,
-        per_s: sent.acked.len() as f64 / secs.max(1e-9),
-        mode,
-        errors: sent.errors,
-        delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
-        latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
-        ack_latency: stats::latency(sent.ack_us.clone()),
-    };
-    let single_phase = phase(&single, single_secs, single_cpu, SINGLE, "single notifies");
+    let mut phase =
+        |sent: &Sent, secs: f64, held_again_s: Option<f64>, cpu: f64, p: u8, mode: &'static str| {
+            Phase {
+                messages: sent.acked.len() as u64,
+                held_again_s,
+                server_cpu_us_per_msg: cpu * 1e6 / (sent.acked.len().max(1) as f64),
+                seconds: secs,
+                per_s: sent.acked.len() as f64 / secs.max(1e-9),
+                mode,
+                errors: sent.errors,
+                delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
+                latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
+                ack_latency: stats::latency(sent.ack_us.clone()),
+            }
+        };
+    let single_phase = phase(
+        &single,
+        single_secs,
+        single_held_again,
+        single_cpu,
+        SINGLE,
+        "single notifies",
+    );
     let rate_phase = phase(
         &rate,
         rate_secs,
+        rate_held_again,
         rate_cpu,
         RATE,
         "single notifies at a fixed rate",
     );
-    let batch_phase = phase(&batch, batch_secs, batch_cpu, BATCH, batch_mode);
+    let batch_phase = phase(
+        &batch,
+        batch_secs,
+        batch_held_again,
+        batch_cpu,
+        BATCH,
+        batch_mode,
+    );
     let first_send_error = single
         .first_error
         .clone()
@@ -472,6 +495,31 @@ async fn open_senders(octet: u8, server: &Server, count: usize) -> anyhow::Resul
         conns.push(Conn::open(source_addr(octet, i as u32), server.ingest).await?);
     }
     Ok(conns)
+}
+
+/// After a phase's messages arrived, wait until the server holds all `n`
+/// polls again (each poller polls again at once after an answer, and the
+/// server takes a while to park thousands of them): the next phase then
+/// starts from the state the first did, rather than measuring what is left
+/// of this one. Returns how long that took, or `None` if it did not
+/// happen within `limit` (noted, and the run goes on).
+async fn held_again(
+    ingest: &Ingest,
+    control: &mut Conn,
+    n: u32,
+    limit: Duration,
+) -> anyhow::Result<Option<f64>> {
+    let t0 = Instant::now();
+    let mut held = 0;
+    while t0.elapsed() < limit {
+        held = ingest.held(control).await?;
+        if held >= u64::from(n) {
+            return Ok(Some(t0.elapsed().as_secs_f64()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("pns-load: only {held} of {n} polls held again after {limit:?}");
+    Ok(None)
 }
 
 /// Send `plan` (user, phase, message number) as single notifies over the

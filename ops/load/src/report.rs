@@ -17,8 +17,12 @@ pub struct Phase {
     pub mode: &'static str,
     /// Notifies that failed.
     pub errors: u64,
-    /// Server CPU time spent in the phase (until its messages arrived),
-    /// per message, in µs.
+    /// From the last message's arrival until the server held every poll
+    /// again (the pollers poll again at once after each answer); `None` if
+    /// it did not within the phase limit.
+    pub held_again_s: Option<f64>,
+    /// Server CPU time spent in the phase (until its messages arrived and
+    /// every poll was held again), per message, in µs.
     pub server_cpu_us_per_msg: f64,
     pub delivery: Delivery,
     /// Notify due → message in the poller's hands.
