@@ -333,7 +333,7 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "single")
         .await?;
-    let single_held_again = held_again(&ingest, &mut control, n, limit).await?;
+    let single_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let single_cpu = cpu() - c;
 
     // 2. A fixed rate, each message stamped with when it was due.
@@ -352,7 +352,7 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "rate")
         .await?;
-    let rate_held_again = held_again(&ingest, &mut control, n, limit).await?;
+    let rate_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let rate_cpu = cpu() - c;
 
     // 3. Batches.
@@ -374,7 +374,7 @@ async fn measure_server(
     workers
         .await_delivery(expected, limit, name, "batch")
         .await?;
-    let batch_held_again = held_again(&ingest, &mut control, n, limit).await?;
+    let batch_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let batch_cpu = cpu() - c;
     drop(senders);
     // The polls are held again by now; what answering them left behind,
@@ -505,14 +505,18 @@ async fn open_senders(octet: u8, server: &Server, count: usize) -> anyhow::Resul
 /// happen within `limit` (noted, and the run goes on).
 async fn held_again(
     ingest: &Ingest,
-    control: &mut Conn,
+    server: &Server,
+    octet: u8,
     n: u32,
     limit: Duration,
 ) -> anyhow::Result<Option<f64>> {
     let t0 = Instant::now();
+    // A connection of its own: the ramp's has been idle for longer than
+    // PNS keeps an idle connection open.
+    let mut control = Conn::open(source_addr(octet, 998), server.ingest).await?;
     let mut held = 0;
     while t0.elapsed() < limit {
-        held = ingest.held(control).await?;
+        held = ingest.held(&mut control).await?;
         if held >= u64::from(n) {
             return Ok(Some(t0.elapsed().as_secs_f64()));
         }
