@@ -136,9 +136,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             eprintln!("pns-load: round {round} of {}", args.rounds);
         }
         for &kind in &kinds {
-            let mut report = measure(kind, &args).await?;
-            report.round = round;
-            targets.push(report);
+            targets.push(measure(kind, round, &args).await?);
         }
     }
     let run = report::Run::new(&args, targets, notes);
@@ -226,7 +224,7 @@ impl Sent {
     }
 }
 
-async fn measure(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<TargetReport> {
+async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Result<TargetReport> {
     let name = kind.name();
     let scratch = servers::scratch_dir(args.scratch.as_deref(), name);
     let root = crate::repo_root();
@@ -246,7 +244,7 @@ async fn measure(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<TargetRep
             servers::start_nchan(&args.nginx_bin, &conf, &args.nchan_module, &scratch).await?
         }
     };
-    let result = measure_server(kind, &server, args).await;
+    let result = measure_server(kind, round, &server, args).await;
     server.stop().await;
     let _ = std::fs::remove_dir_all(&scratch);
     result.with_context(|| format!("measuring {name}"))
@@ -254,6 +252,7 @@ async fn measure(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<TargetRep
 
 async fn measure_server(
     kind: TargetKind,
+    round: u32,
     server: &Server,
     args: &BenchArgs,
 ) -> anyhow::Result<TargetReport> {
@@ -280,18 +279,8 @@ async fn measure_server(
 
     eprintln!("pns-load: {name}: ramping up {n} held polls with {worker_count} worker(s)");
     workers.tell(&Cmd::Hold).await?;
-    let t0 = Instant::now();
     let limit = Duration::from_secs(args.phase_limit_secs);
-    let mut held = 0;
-    let mut ramp = None;
-    while t0.elapsed() < limit {
-        held = ingest.held(&mut control).await?;
-        if held >= u64::from(n) {
-            ramp = Some(t0.elapsed().as_secs_f64());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (held, ramp) = until_all_held(&ingest, &mut control, n, limit, RAMP_LOOK_EVERY).await?;
     if ramp.is_none() {
         let c = workers.counts().await?;
         eprintln!(
@@ -451,7 +440,7 @@ async fn measure_server(
         |idle: u64, held_kib: u64| (held_kib.saturating_sub(idle)) as f64 / f64::from(n.max(1));
     Ok(TargetReport {
         target: name,
-        round: 1,
+        round,
         users: n,
         workers: worker_count,
         held,
@@ -510,20 +499,39 @@ async fn held_again(
     n: u32,
     limit: Duration,
 ) -> anyhow::Result<Option<f64>> {
-    let t0 = Instant::now();
     // A connection of its own: the ramp's has been idle for longer than
     // PNS keeps an idle connection open.
     let mut control = Conn::open(source_addr(octet, 998), server.ingest).await?;
+    let (held, took) =
+        until_all_held(ingest, &mut control, n, limit, Duration::from_millis(5)).await?;
+    if took.is_none() {
+        eprintln!("pns-load: only {held} of {n} polls held again after {limit:?}");
+    }
+    Ok(took)
+}
+
+/// How often the ramp asks the server how many polls it holds.
+const RAMP_LOOK_EVERY: Duration = Duration::from_millis(50);
+
+/// Ask the server every `every` how many polls it holds, until all `n` or
+/// `limit`: the last count, and the seconds until all were held.
+async fn until_all_held(
+    ingest: &Ingest,
+    control: &mut Conn,
+    n: u32,
+    limit: Duration,
+    every: Duration,
+) -> anyhow::Result<(u64, Option<f64>)> {
+    let t0 = Instant::now();
     let mut held = 0;
     while t0.elapsed() < limit {
-        held = ingest.held(&mut control).await?;
+        held = ingest.held(control).await?;
         if held >= u64::from(n) {
-            return Ok(Some(t0.elapsed().as_secs_f64()));
+            return Ok((held, Some(t0.elapsed().as_secs_f64())));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(every).await;
     }
-    eprintln!("pns-load: only {held} of {n} polls held again after {limit:?}");
-    Ok(None)
+    Ok((held, None))
 }
 
 /// Send `plan` (user, phase, message number) as single notifies over the
