@@ -11,18 +11,68 @@ use crate::registry::sanitize_come_from;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::{Extension, Json};
-use serde::Deserialize;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Default, Deserialize)]
-struct PollQuery {
-    sid: Option<String>,
-    #[serde(rename = "comeFrom")]
-    come_from: Option<String>,
-    cursor: Option<String>,
-    timeout: Option<String>,
+/// The poll's query parameters, borrowed from the query string unless
+/// they need decoding (a sid, a cursor and a timeout never do).
+#[derive(Debug, Default)]
+struct PollQuery<'q> {
+    sid: Option<Cow<'q, str>>,
+    come_from: Option<Cow<'q, str>>,
+    cursor: Option<Cow<'q, str>>,
+    timeout: Option<Cow<'q, str>>,
+}
+
+impl<'q> PollQuery<'q> {
+    /// Parse `application/x-www-form-urlencoded` (`+` is a space, `%XX` a
+    /// byte, bytes that are not UTF-8 become U+FFFD). A parameter given
+    /// twice is refused; unknown ones are ignored.
+    fn parse(query: &'q str) -> Result<Self, String> {
+        let mut parsed = PollQuery::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = form_decode(key);
+            let slot = match &*key {
+                "sid" => &mut parsed.sid,
+                "comeFrom" => &mut parsed.come_from,
+                "cursor" => &mut parsed.cursor,
+                "timeout" => &mut parsed.timeout,
+                _ => continue,
+            };
+            if slot.is_some() {
+                return Err(format!("duplicate field `{key}`"));
+            }
+            *slot = Some(form_decode(value));
+        }
+        Ok(parsed)
+    }
+}
+
+/// One name or value of a form-encoded query, decoded; borrowed when
+/// there is nothing to decode.
+fn form_decode(raw: &str) -> Cow<'_, str> {
+    if !raw.bytes().any(|b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(raw);
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = |at: usize| bytes.get(at).and_then(|h| (*h as char).to_digit(16));
+        match (b, hex(i + 1), hex(i + 2)) {
+            (b'+', _, _) => out.push(b' '),
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 pub async fn poll(
@@ -41,7 +91,7 @@ pub async fn poll(
 
 async fn poll_inner(
     app: &App,
-    query: Option<String>,
+    raw_query: Option<String>,
     headers: HeaderMap,
     peer: Option<std::net::IpAddr>,
 ) -> Result<crate::wire::PollAnswer, ApiError> {
@@ -51,8 +101,8 @@ async fn poll_inner(
             .check(&crate::address::rate_key(ip), Instant::now())
             .map_err(|wait| rate_limited(app, LimitScope::address, wait))?;
     }
-    let query: PollQuery = match query.as_deref() {
-        Some(q) => serde_urlencoded::from_str(q)
+    let query = match raw_query.as_deref() {
+        Some(q) => PollQuery::parse(q)
             .map_err(|e| ApiError::BadRequest(format!("query string is malformed: {e}")))?,
         None => PollQuery::default(),
     };
@@ -93,10 +143,13 @@ async fn poll_inner(
     app.metrics.polled_from(come_from.as_deref());
     app.registry
         .polled(&session, opaque, come_from.as_deref(), address, now_ms);
-    // Let go of the headers before the hold: on a connection served by
-    // hyper they are slices of its 8 KiB read buffer, which the held poll
-    // would otherwise keep; on our own front they are copies, small but
-    // not needed either.
+    // Let go of the request before the hold: on a connection served by
+    // hyper the headers are slices of its 8 KiB read buffer, which the
+    // held poll would otherwise keep; on our own front they are copies,
+    // and the query string (a JWT is a few hundred bytes) is on the heap,
+    // small but not needed either.
+    drop(query);
+    drop(raw_query);
     drop(headers);
     let key = session.key.clone();
     let answer = crate::poll::answer(
@@ -139,4 +192,56 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.trim_matches('"'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the poll parsed its query with before: serde_urlencoded.
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    struct Reference {
+        sid: Option<String>,
+        #[serde(rename = "comeFrom")]
+        come_from: Option<String>,
+        cursor: Option<String>,
+        timeout: Option<String>,
+    }
+
+    fn owned(q: PollQuery<'_>) -> Reference {
+        Reference {
+            sid: q.sid.map(Cow::into_owned),
+            come_from: q.come_from.map(Cow::into_owned),
+            cursor: q.cursor.map(Cow::into_owned),
+            timeout: q.timeout.map(Cow::into_owned),
+        }
+    }
+
+    #[test]
+    fn the_query_parses_as_serde_urlencoded_parses_it() {
+        for query in [
+            "",
+            "sid=eyJh.eyJz.c2ln&cursor=1.42&timeout=30&comeFrom=mail",
+            "sid=a%2Bb+c&comeFrom=web%20mail",
+            "sid=%zz%4&cursor=%%41",
+            "sid=%FF%FE&timeout=",
+            "&&sid=x&&unknown=1&other",
+            "s%69d=x&comeFrom",
+            "sid=x&sid=y",
+            "cursor=1&cur%73or=2",
+        ] {
+            let ours = PollQuery::parse(query).map(owned);
+            let reference =
+                serde_urlencoded::from_str::<Reference>(query).map_err(|e| e.to_string());
+            assert_eq!(ours, reference, "{query}");
+        }
+    }
+
+    #[test]
+    fn values_without_escapes_are_borrowed() {
+        let q = PollQuery::parse("sid=eyJh.eyJz.c2ln&cursor=1.42&comeFrom=a+b").unwrap();
+        assert!(matches!(q.sid, Some(Cow::Borrowed("eyJh.eyJz.c2ln"))));
+        assert!(matches!(q.cursor, Some(Cow::Borrowed("1.42"))));
+        assert!(matches!(q.come_from, Some(Cow::Owned(ref s)) if s == "a b"));
+    }
 }
