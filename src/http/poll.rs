@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::{Extension, Json};
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,31 +76,58 @@ fn form_decode(raw: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
-pub async fn poll(
+/// The handler: a function that returns its future rather than an `async
+/// fn`, because an `async fn` keeps room for its arguments in its future
+/// until it returns, and this future is what a held poll is. The request's
+/// parts go at once into the checks' own boxed future ([`admit`]), which
+/// is gone before the hold.
+pub fn poll(
     State(app): State<Arc<App>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-) -> Result<Json<crate::wire::PollAnswer>, ApiError> {
+) -> impl Future<Output = Result<Json<crate::wire::PollAnswer>, ApiError>> {
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
-    let result = poll_inner(&app, query, headers, peer).await;
-    if result.is_err() {
-        app.metrics.answered(Outcome::error);
+    let admitting = Box::pin(admit(app.clone(), query, headers, peer));
+    async move {
+        let result = hold(&app, admitting).await;
+        if result.is_err() {
+            app.metrics.answered(Outcome::error);
+        }
+        result.map(Json)
     }
-    result.map(Json)
 }
 
-async fn poll_inner(
+/// Once the checks pass, answer the poll (holding it until there is news).
+async fn hold(
     app: &App,
+    admitting: impl Future<Output = Result<PollRequest, ApiError>>,
+) -> Result<crate::wire::PollAnswer, ApiError> {
+    // In a block: what only the checks need takes no room while held.
+    let (key, answering) = {
+        let request = admitting.await?;
+        let key = request.session.key.clone();
+        (key, crate::poll::answer(app, request))
+    };
+    let answer = answering.await?;
+    if answer.c > 0 {
+        app.registry.delivered(&key, answer.c as u64);
+    }
+    Ok(answer)
+}
+
+/// The checks of a poll, up to the request for [`crate::poll::answer`].
+async fn admit(
+    app: Arc<App>,
     raw_query: Option<String>,
     headers: HeaderMap,
     peer: Option<std::net::IpAddr>,
-) -> Result<crate::wire::PollAnswer, ApiError> {
+) -> Result<PollRequest, ApiError> {
     let address = crate::address::client_address(peer, &headers, &app.config.trusted_proxies);
     if let Some(ip) = address {
         app.address_limits
             .check(&crate::address::rate_key(ip), Instant::now())
-            .map_err(|wait| rate_limited(app, LimitScope::address, wait))?;
+            .map_err(|wait| rate_limited(&app, LimitScope::address, wait))?;
     }
     let query = match raw_query.as_deref() {
         Some(q) => PollQuery::parse(q)
@@ -121,7 +149,7 @@ async fn poll_inner(
     };
     app.session_limits
         .check(&session.key, Instant::now())
-        .map_err(|wait| rate_limited(app, LimitScope::session, wait))?;
+        .map_err(|wait| rate_limited(&app, LimitScope::session, wait))?;
     let hold = app.config.hold;
     let timeout = match query.timeout.as_deref() {
         None | Some("") => hold,
@@ -143,28 +171,16 @@ async fn poll_inner(
     app.metrics.polled_from(come_from.as_deref());
     app.registry
         .polled(&session, opaque, come_from.as_deref(), address, now_ms);
-    // Let go of the request before the hold: on a connection served by
+    // The request goes here, before the hold: on a connection served by
     // hyper the headers are slices of its 8 KiB read buffer, which the
     // held poll would otherwise keep; on our own front they are copies,
     // and the query string (a JWT is a few hundred bytes) is on the heap,
     // small but not needed either.
-    drop(query);
-    drop(raw_query);
-    drop(headers);
-    let key = session.key.clone();
-    let answer = crate::poll::answer(
-        app,
-        PollRequest {
-            session,
-            cursor,
-            timeout,
-        },
-    )
-    .await?;
-    if answer.c > 0 {
-        app.registry.delivered(&key, answer.c as u64);
-    }
-    Ok(answer)
+    Ok(PollRequest {
+        session,
+        cursor,
+        timeout,
+    })
 }
 
 fn rate_limited(app: &App, scope: LimitScope, wait: Duration) -> ApiError {
