@@ -53,7 +53,8 @@ impl<'q> PollQuery<'q> {
 }
 
 /// One name or value of a form-encoded query, decoded; borrowed when
-/// there is nothing to decode.
+/// there is nothing to decode. Not `form_urlencoded`: the query is a
+/// `str` already, and it checks every value's UTF-8 again, on each poll.
 fn form_decode(raw: &str) -> Cow<'_, str> {
     if !raw.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(raw);
@@ -80,7 +81,8 @@ fn form_decode(raw: &str) -> Cow<'_, str> {
 /// fn`, because an `async fn` keeps room for its arguments in its future
 /// until it returns, and this future is what a held poll is. The request's
 /// parts go at once into the checks' own boxed future ([`admit`]), which
-/// is gone before the hold.
+/// is gone before the hold, and with it the headers (on a connection served
+/// by hyper, slices of its 8 KiB read buffer) and the query string.
 pub fn poll(
     State(app): State<Arc<App>>,
     RawQuery(query): RawQuery,
@@ -171,11 +173,6 @@ async fn admit(
     app.metrics.polled_from(come_from.as_deref());
     app.registry
         .polled(&session, opaque, come_from.as_deref(), address, now_ms);
-    // The request goes here, before the hold: on a connection served by
-    // hyper the headers are slices of its 8 KiB read buffer, which the
-    // held poll would otherwise keep; on our own front they are copies,
-    // and the query string (a JWT is a few hundred bytes) is on the heap,
-    // small but not needed either.
     Ok(PollRequest {
         session,
         cursor,
