@@ -21,6 +21,14 @@
 //! window that passes without a round sends it back to waiting for one
 //! (so an idle node sleeps).
 //!
+//! A first round that comes after a quiet spell (no sync for
+//! [`SYNC_DELAY`]) is synced at once: nothing suggests company is coming,
+//! and a delivery agent that sends one notify at a time (Dovecot sends one
+//! per recipient and waits for each answer) would otherwise wait the whole
+//! window each time. Rounds that come more often than that find a recent
+//! sync and wait for the window as before, so the syncs a second do not
+//! grow.
+//!
 //! The answers are run by a task on the writer's thread ([`Answering`]):
 //! the callers waiting for them are tasks there, and waking many tasks of
 //! a runtime from another thread costs a system call each, while one task
@@ -61,9 +69,10 @@ struct Round {
 
 /// How long a sync may wait for more rounds to share it, from the first
 /// round handed over (or, while rounds keep coming, from the last sync).
-/// Polls do not wait for syncs, acknowledgements do:
-/// a lone notify is acknowledged this much later, and at a steady trickle
-/// of notifies each sync (about 50 µs of CPU here) serves several.
+/// Polls do not wait for syncs, acknowledgements do: a notify that follows
+/// another within this time is acknowledged up to this much later, and at
+/// a steady trickle of notifies each sync (about 50 µs of CPU here, plus
+/// its wake-ups) serves several.
 const SYNC_DELAY: Duration = Duration::from_millis(4);
 /// Messages waiting that make a sync start at once: a burst is
 /// acknowledged as fast as the disk syncs.
@@ -89,6 +98,15 @@ impl WalSync {
     ///
     /// The answers wait for the returned [`Answering`] to run.
     pub fn start(wal: &Path, fill_to: u64) -> std::io::Result<(WalSync, Answering)> {
+        WalSync::start_with_window(wal, fill_to, SYNC_DELAY)
+    }
+
+    /// [`WalSync::start`], with `window` for [`SYNC_DELAY`].
+    fn start_with_window(
+        wal: &Path,
+        fill_to: u64,
+        window: Duration,
+    ) -> std::io::Result<(WalSync, Answering)> {
         let file = File::options().read(true).write(true).open(wal)?;
         fill(&file, fill_to)?;
         let handover = Arc::new(Handover::default());
@@ -100,7 +118,7 @@ impl WalSync {
             .name("pns-wal-sync".to_owned())
             .spawn(move || {
                 let _stopped = Stopped(&thread_handover);
-                run(file, &thread_handover, &synced, &thread_failed);
+                run(file, &thread_handover, window, &synced, &thread_failed);
             })?;
         let sync = WalSync {
             handover,
@@ -200,7 +218,7 @@ enum Thread {
     Busy,
     /// Waiting for a first round.
     WaitsForARound,
-    /// Waiting for [`SYNC_DELAY`] to pass or [`SYNC_AT_ONCE`] messages.
+    /// Waiting for the window to pass or [`SYNC_AT_ONCE`] messages.
     Gathers,
 }
 
@@ -269,6 +287,7 @@ fn fill(file: &File, len: u64) -> std::io::Result<()> {
 fn run(
     wal: File,
     handover: &Handover,
+    window: Duration,
     synced: &tokio::sync::mpsc::UnboundedSender<Synced>,
     failed: &AtomicBool,
 ) {
@@ -276,8 +295,9 @@ fn run(
     // Where the next sync's window starts without waiting for a round:
     // right after a sync that served several rounds.
     let mut cadence = None;
+    let mut last_synced: Option<Instant> = None;
     loop {
-        let Some(rounds) = gather(handover, cadence) else {
+        let Some(rounds) = gather(handover, window, cadence, last_synced) else {
             break;
         };
         if rounds.is_empty() {
@@ -303,20 +323,28 @@ fn run(
             // No task answers (its runtime is gone): answer here.
             answer(rounds, &outcome);
         }
-        cadence = several.then(Instant::now);
+        let now = Instant::now();
+        last_synced = Some(now);
+        cadence = several.then_some(now);
     }
     if failure.is_none() {
         let _ = wal.sync_data();
     }
 }
 
-/// The rounds of the next sync: every round handed over until
-/// [`SYNC_DELAY`] after the window starts, or until [`SYNC_AT_ONCE`]
-/// messages wait. The window starts at `cadence` when given (none of the
-/// rounds in it wakes the thread; empty if none came), else at the first
-/// round, which the thread waits for. `None` once the store is gone and
-/// every round is synced.
-fn gather(handover: &Handover, cadence: Option<Instant>) -> Option<Vec<Round>> {
+/// The rounds of the next sync: every round handed over until `window`
+/// after the window starts, or until [`SYNC_AT_ONCE`] messages wait. The
+/// window starts at `cadence` when given (none of the rounds in it wakes
+/// the thread; empty if none came), else at the first round, which the
+/// thread waits for; and a first round that came `window` or more after the
+/// last sync (`last_synced`) has no window. `None` once the store is gone
+/// and every round is synced.
+fn gather(
+    handover: &Handover,
+    window: Duration,
+    cadence: Option<Instant>,
+    last_synced: Option<Instant>,
+) -> Option<Vec<Round>> {
     let mut pending = handover.pending.lock().ok()?;
     let since = match cadence {
         Some(since) => since,
@@ -328,11 +356,17 @@ fn gather(handover: &Handover, cadence: Option<Instant>) -> Option<Vec<Round>> {
                 pending.thread = Thread::WaitsForARound;
                 pending = handover.wake.wait(pending).ok()?;
             }
-            pending.first_at.unwrap_or_else(Instant::now)
+            let first_at = pending.first_at.unwrap_or_else(Instant::now);
+            let quiet =
+                last_synced.is_none_or(|at| first_at.saturating_duration_since(at) >= window);
+            if quiet {
+                return Some(take_rounds(&mut pending));
+            }
+            first_at
         }
     };
     while pending.waiting < SYNC_AT_ONCE && !pending.closed {
-        let Some(left) = SYNC_DELAY.checked_sub(since.elapsed()) else {
+        let Some(left) = window.checked_sub(since.elapsed()) else {
             break;
         };
         pending.thread = Thread::Gathers;
@@ -341,10 +375,15 @@ fn gather(handover: &Handover, cadence: Option<Instant>) -> Option<Vec<Round>> {
     if pending.closed && pending.rounds.is_empty() {
         return None;
     }
+    Some(take_rounds(&mut pending))
+}
+
+/// The rounds waiting, for the sync the thread starts now.
+fn take_rounds(pending: &mut Pending) -> Vec<Round> {
     pending.thread = Thread::Busy;
     pending.waiting = 0;
     pending.first_at = None;
-    Some(std::mem::take(&mut pending.rounds))
+    std::mem::take(&mut pending.rounds)
 }
 
 #[cfg(test)]
@@ -454,6 +493,43 @@ mod tests {
             Box::new(move |synced| drop(answered.send(synced.clone()))),
         );
         assert_eq!(answer.await.unwrap(), Ok(()));
+    }
+
+    /// A lone round after a quiet spell is synced at once; a round that
+    /// follows a sync closely waits for the window (here an hour, so that
+    /// only the quiet rule can answer the first, and only the store's end
+    /// the second).
+    #[tokio::test]
+    async fn a_round_after_a_quiet_spell_does_not_wait_for_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pns.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        let hour = Duration::from_secs(3600);
+        let (sync, answering) = WalSync::start_with_window(&wal, 0, hour).unwrap();
+        tokio::spawn(answering.run());
+        let hand_over = |slot| {
+            let (answered, answer) = tokio::sync::oneshot::channel();
+            sync.after_sync(
+                slot,
+                1,
+                Box::new(move |synced| drop(answered.send(synced.clone()))),
+            );
+            answer
+        };
+
+        let lone = hand_over(sync.slot().await);
+        let synced = tokio::time::timeout(Duration::from_secs(60), lone).await;
+        assert_eq!(synced.expect("the lone round waited").unwrap(), Ok(()));
+
+        let mut close_behind = hand_over(sync.slot().await);
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut close_behind).await;
+        assert!(
+            early.is_err(),
+            "a round right after a sync skipped the window"
+        );
+        // The store's end syncs what is left.
+        drop(sync);
+        assert_eq!(close_behind.await.unwrap(), Ok(()));
     }
 
     #[tokio::test]
