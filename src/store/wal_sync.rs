@@ -23,11 +23,13 @@
 //!
 //! A first round that comes after a quiet spell (no sync for
 //! [`SYNC_DELAY`]) is synced at once: nothing suggests company is coming,
-//! and a delivery agent that sends one notify at a time (Dovecot sends one
-//! per recipient and waits for each answer) would otherwise wait the whole
-//! window each time. Rounds that come more often than that find a recent
-//! sync and wait for the window as before, so the syncs a second do not
-//! grow.
+//! and a delivery agent that sends a notify now and then (Dovecot sends
+//! one per recipient and waits for each answer) would otherwise wait the
+//! whole window each time. Rounds that come more often than that find a
+//! recent sync and wait for the window as before, so the syncs a second
+//! do not grow; that includes the second and later notifies of one agent
+//! sending several back to back, which the sync thread cannot tell from
+//! many agents sending at that rate.
 //!
 //! The answers are run by a task on the writer's thread ([`Answering`]):
 //! the callers waiting for them are tasks there, and waking many tasks of
