@@ -393,10 +393,14 @@ mod tests {
     use super::*;
 
     fn started() -> (tempfile::TempDir, WalSync) {
+        started_with_window(SYNC_DELAY)
+    }
+
+    fn started_with_window(window: Duration) -> (tempfile::TempDir, WalSync) {
         let dir = tempfile::tempdir().unwrap();
         let wal = dir.path().join("pns.db-wal");
         std::fs::write(&wal, b"").unwrap();
-        let (sync, answering) = WalSync::start(&wal, 0).unwrap();
+        let (sync, answering) = WalSync::start_with_window(&wal, 0, window).unwrap();
         tokio::spawn(answering.run());
         (dir, sync)
     }
@@ -503,12 +507,7 @@ mod tests {
     /// the second).
     #[tokio::test]
     async fn a_round_after_a_quiet_spell_does_not_wait_for_the_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let wal = dir.path().join("pns.db-wal");
-        std::fs::write(&wal, b"").unwrap();
-        let hour = Duration::from_secs(3600);
-        let (sync, answering) = WalSync::start_with_window(&wal, 0, hour).unwrap();
-        tokio::spawn(answering.run());
+        let (_dir, sync) = started_with_window(Duration::from_secs(3600));
         let hand_over = |slot| {
             let (answered, answer) = tokio::sync::oneshot::channel();
             sync.after_sync(
