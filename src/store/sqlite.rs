@@ -210,8 +210,9 @@ impl SqliteStore {
             .create_if_missing(true)
             .page_size(PAGE_SIZE)
             .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit is on disk before the 202 goes out. Group commit
-            // in the writer keeps the fsyncs few.
+            // FULL while the store opens: the migrations and the sequence
+            // floor are on disk before any poll is answered. The writer
+            // switches to NORMAL below, and WalSync syncs behind it.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .pragma("temp_store", "memory")
