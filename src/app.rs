@@ -32,6 +32,8 @@ pub struct App {
     /// Who polls this node: for the session list and `sessions_active`.
     pub registry: SessionRegistry,
     pub opaque: OpaqueSessions,
+    /// The heads of polls' answers written where their news is committed.
+    pub poll_heads: crate::http::PollHeads,
     pub session_limits: RateLimiter<String>,
     pub address_limits: RateLimiter<IpAddr>,
 }
@@ -79,7 +81,9 @@ impl App {
         let session_limits = RateLimiter::new(config.limits.session_polls, crate::limits::MAX_KEYS);
         let address_limits = RateLimiter::new(config.limits.address_polls, crate::limits::MAX_KEYS);
         let opaque = OpaqueSessions::new(store.clone());
+        let poll_heads = crate::http::PollHeads::new(&config.allowed_origins).await;
         Ok(Arc::new(App {
+            poll_heads,
             config,
             registry,
             opaque,

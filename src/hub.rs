@@ -19,6 +19,11 @@
 //! hands the wakes to one task on the polls' runtime ([`Hub::relay_wakes`]),
 //! which is woken once for all the wakes that came meanwhile.
 //!
+//! A store that commits in this process (SQLite) wakes the hub itself,
+//! right after each commit ([`Hub::wake_after_commit`]). Then a poll parked
+//! with an [`AnswerAtCommit`] is answered there, on the committing thread,
+//! from the store's memory, without waking its task.
+//!
 //! A user holds at most `user_cap` polls at once: parking one more releases
 //! that user's oldest with [`Wake::Capped`], so a runaway client (or many tabs
 //! without the shared poll) cannot pin sockets without end.
@@ -33,6 +38,7 @@
 //! generation that is never reused, so a read that raced with a wake never
 //! records anything.
 
+use crate::store::StoredMessage;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +46,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 const SHARDS: usize = 64;
+/// Users a commit wakes at most for its polls to be answered on the
+/// committing thread; past that, their own runtime answers them, on the
+/// other core, while the writer goes on (a batch of 500 notifies went from
+/// about 150,000 to 37,000 messages a second when the writer answered
+/// all its polls).
+pub const MAX_USERS_ANSWERED_AT_COMMIT: usize = 16;
 /// Users per shard beyond which an entry that only holds a read proof is
 /// not kept (it would linger until the user's next wake).
 const PROOFS_PER_SHARD: usize = 4096;
@@ -59,9 +71,30 @@ pub enum Wake {
     Capped,
 }
 
+/// Reads, from a store's memory, the messages of a user (the first
+/// argument) after a seq, visible since a time in ms, at most so many:
+/// what a poll's read of the store would find; `None` when memory cannot
+/// tell.
+pub type ReadNews<'a> = &'a dyn Fn(&str, i64, i64, u32) -> Option<Vec<StoredMessage>>;
+
+/// A parked poll that can be answered where its news is committed.
+pub trait AnswerAtCommit: Send {
+    /// Answer the poll of `session` of `user` with what `read` finds for it;
+    /// `wake` back if this poll cannot be answered so (it is then woken as
+    /// any other).
+    fn answer(
+        self: Box<Self>,
+        user: &str,
+        session: &str,
+        read: ReadNews<'_>,
+        wake: oneshot::Sender<Wake>,
+    ) -> Result<(), oneshot::Sender<Wake>>;
+}
+
 struct Waiter {
     id: u64,
     session: Arc<str>,
+    at_commit: Option<Box<dyn AnswerAtCommit>>,
     /// Wall-clock ms when parked, to compare with polls begun on other nodes.
     parked_ms: i64,
     wake: oneshot::Sender<Wake>,
@@ -157,9 +190,17 @@ impl Hub {
     }
 
     /// Park a poll of `session` for `user` that wants the messages after seq
-    /// `after` visible since `since_ms`. An older poll of the same session is
-    /// released with [`Wake::Superseded`].
-    pub fn park(self: &Arc<Self>, user: &str, session: &str, after: i64, since_ms: i64) -> Parked {
+    /// `after` visible since `since_ms`, to be answered by `at_commit` if a
+    /// commit of this node's store brings its news. An older poll of the
+    /// same session is released with [`Wake::Superseded`].
+    pub fn park(
+        self: &Arc<Self>,
+        user: &str,
+        session: &str,
+        after: i64,
+        since_ms: i64,
+        at_commit: Option<Box<dyn AnswerAtCommit>>,
+    ) -> Parked {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let user: Arc<str> = Arc::from(user);
@@ -179,7 +220,8 @@ impl Hub {
             .users
             .entry(user.clone())
             .or_insert_with(|| UserState {
-                waiters: Vec::new(),
+                // Most users hold one poll: room for more only when needed.
+                waiters: Vec::with_capacity(1),
                 generation: self.next_id.fetch_add(1, Ordering::Relaxed),
                 proof: None,
             });
@@ -217,6 +259,7 @@ impl Hub {
         waiters.push(Waiter {
             id,
             session: Arc::from(session),
+            at_commit,
             parked_ms: crate::clock::now_ms(),
             wake: tx,
         });
@@ -251,21 +294,54 @@ impl Hub {
         let state = self.shard(user).users.remove(user);
         if let Some(UserState { waiters, .. }) = state {
             self.held.fetch_sub(waiters.len(), Ordering::Relaxed);
-            if !self.relay.running.load(Ordering::Acquire) {
-                for w in waiters {
-                    let _ = w.wake.send(Wake::News);
+            self.send_news(waiters.into_iter().map(|w| w.wake));
+        }
+    }
+
+    /// [`Hub::wake`] `users`, whom a commit just brought news, once `read`
+    /// finds the commit's messages. A poll parked with an [`AnswerAtCommit`]
+    /// is answered here, with what `read` finds for it, unless the commit
+    /// brought news to more than [`MAX_USERS_ANSWERED_AT_COMMIT`] users:
+    /// then the polls' own runtime answers them, beside the writer's next
+    /// round.
+    pub fn wake_after_commit(&self, users: &[String], read: ReadNews<'_>) {
+        let here = users.len() <= MAX_USERS_ANSWERED_AT_COMMIT;
+        let mut news = Vec::new();
+        for user in users {
+            let Some(state) = self.shard(user).users.remove(user.as_str()) else {
+                continue;
+            };
+            self.held.fetch_sub(state.waiters.len(), Ordering::Relaxed);
+            for w in state.waiters {
+                let Some(answer) = w.at_commit.filter(|_| here) else {
+                    news.push(w.wake);
+                    continue;
+                };
+                if let Err(wake) = answer.answer(user, &w.session, read, w.wake) {
+                    news.push(wake);
                 }
-                return;
             }
-            let mut waiting = self.relay.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            let was_empty = waiting.is_empty();
-            waiting.extend(waiters.into_iter().map(|w| w.wake));
-            drop(waiting);
-            // The relay takes all there is when it runs: one notification
-            // per filling covers every wake added before it runs.
-            if was_empty {
-                self.relay.filled.notify_one();
+        }
+        self.send_news(news);
+    }
+
+    /// Send [`Wake::News`] through the relay when it runs.
+    fn send_news(&self, wakes: impl IntoIterator<Item = oneshot::Sender<Wake>>) {
+        if !self.relay.running.load(Ordering::Acquire) {
+            for wake in wakes {
+                let _ = wake.send(Wake::News);
             }
+            return;
+        }
+        let mut waiting = self.relay.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let was_empty = waiting.is_empty();
+        waiting.extend(wakes);
+        let filled = was_empty && !waiting.is_empty();
+        drop(waiting);
+        // The relay takes all there is when it runs: one notification
+        // per filling covers every wake added before it runs.
+        if filled {
+            self.relay.filled.notify_one();
         }
     }
 
@@ -449,8 +525,8 @@ mod tests {
     #[tokio::test]
     async fn wake_reaches_only_that_user_and_entries_are_removed() {
         let hub = Hub::new();
-        let mut a = hub.park("a@x", "s1", 0, 0);
-        let b = hub.park("b@x", "s2", 0, 0);
+        let mut a = hub.park("a@x", "s1", 0, 0, None);
+        let b = hub.park("b@x", "s2", 0, 0, None);
         assert_eq!(hub.held(), 2);
         hub.wake("a@x");
         assert_eq!(a.woken().await, Wake::News);
@@ -474,7 +550,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(hub.relay.running.load(Ordering::Acquire));
         let mut polls: Vec<_> = (0..50)
-            .map(|i| hub.park(&format!("u{i}"), "s", 0, 0))
+            .map(|i| hub.park(&format!("u{i}"), "s", 0, 0, None))
             .collect();
         let from = hub.clone();
         std::thread::spawn(move || (0..50).for_each(|i| from.wake(&format!("u{i}"))))
@@ -486,7 +562,7 @@ mod tests {
         relay.abort();
         let _ = relay.await;
         assert!(!hub.relay.running.load(Ordering::Acquire));
-        let mut late = hub.park("late", "s", 0, 0);
+        let mut late = hub.park("late", "s", 0, 0, None);
         let from = hub.clone();
         std::thread::spawn(move || from.wake("late"))
             .join()
@@ -498,9 +574,9 @@ mod tests {
     #[tokio::test]
     async fn newer_poll_of_a_session_supersedes_the_older() {
         let hub = Hub::new();
-        let mut old = hub.park("a@x", "s1", 0, 0);
-        let _other = hub.park("a@x", "s2", 0, 0);
-        let _new = hub.park("a@x", "s1", 0, 0);
+        let mut old = hub.park("a@x", "s1", 0, 0, None);
+        let _other = hub.park("a@x", "s2", 0, 0, None);
+        let _new = hub.park("a@x", "s1", 0, 0, None);
         assert_eq!(old.woken().await, Wake::Superseded);
         assert_eq!(hub.held(), 2);
     }
@@ -508,8 +584,8 @@ mod tests {
     #[tokio::test]
     async fn a_poll_begun_elsewhere_supersedes_only_older_polls_of_its_session() {
         let hub = Hub::new();
-        let mut old = hub.park("a@x", "s1", 0, 0);
-        let mut other = hub.park("a@x", "s2", 0, 0);
+        let mut old = hub.park("a@x", "s1", 0, 0, None);
+        let mut other = hub.park("a@x", "s2", 0, 0, None);
         hub.supersede("a@x", "s1", crate::clock::now_ms() - 60_000);
         assert_eq!(hub.held(), 2, "a poll parked after the other began stays");
         hub.supersede("a@x", "s1", crate::clock::now_ms());
@@ -523,10 +599,10 @@ mod tests {
     #[tokio::test]
     async fn a_user_past_the_cap_loses_the_oldest_poll() {
         let hub = Hub::with_user_cap(2);
-        let mut first = hub.park("a@x", "s1", 0, 0);
-        let _second = hub.park("a@x", "s2", 0, 0);
-        let _other_user = hub.park("b@x", "s9", 0, 0);
-        let _third = hub.park("a@x", "s3", 0, 0);
+        let mut first = hub.park("a@x", "s1", 0, 0, None);
+        let _second = hub.park("a@x", "s2", 0, 0, None);
+        let _other_user = hub.park("b@x", "s9", 0, 0, None);
+        let _third = hub.park("a@x", "s3", 0, 0, None);
         assert_eq!(first.woken().await, Wake::Capped);
         assert_eq!(hub.held(), 3);
         assert_eq!(hub.held_by_session("a@x").len(), 2);
@@ -535,48 +611,158 @@ mod tests {
     #[tokio::test]
     async fn a_read_proof_spares_the_next_read_until_a_wake() {
         let hub = Hub::new();
-        let first = hub.park("a@x", "s1", 0, 100);
+        let first = hub.park("a@x", "s1", 0, 100, None);
         assert!(!first.nothing_new());
         hub.note_read(&first, 7, 100);
         drop(first);
-        let next = hub.park("a@x", "s1", 7, 100);
+        let next = hub.park("a@x", "s1", 7, 100, None);
         assert!(next.nothing_new());
         // An older cursor, or an earlier session start, needs a read.
-        assert!(!hub.park("a@x", "s2", 6, 100).nothing_new());
-        assert!(!hub.park("a@x", "s3", 7, 99).nothing_new());
+        assert!(!hub.park("a@x", "s2", 6, 100, None).nothing_new());
+        assert!(!hub.park("a@x", "s3", 7, 99, None).nothing_new());
         hub.wake("a@x");
-        assert!(!hub.park("a@x", "s1", 7, 100).nothing_new());
+        assert!(!hub.park("a@x", "s1", 7, 100, None).nothing_new());
     }
 
     #[tokio::test]
     async fn a_read_that_raced_a_wake_proves_nothing() {
         let hub = Hub::new();
-        let mut p = hub.park("a@x", "s1", 0, 0);
+        let mut p = hub.park("a@x", "s1", 0, 0, None);
         hub.wake("a@x");
         hub.note_read(&p, 7, 0);
         assert_eq!(p.woken().await, Wake::News);
         drop(p);
-        assert!(!hub.park("a@x", "s1", 7, 0).nothing_new());
+        assert!(!hub.park("a@x", "s1", 7, 0, None).nothing_new());
     }
 
     #[tokio::test]
     async fn waking_everyone_drops_every_read_proof() {
         let hub = Hub::new();
-        let p = hub.park("a@x", "s1", 0, 0);
+        let p = hub.park("a@x", "s1", 0, 0, None);
         hub.note_read(&p, 7, 0);
         drop(p);
         hub.wake_all();
-        assert!(!hub.park("a@x", "s1", 7, 0).nothing_new());
+        assert!(!hub.park("a@x", "s1", 7, 0, None).nothing_new());
     }
 
     #[tokio::test]
     async fn shutdown_releases_everyone_and_later_parks() {
         let hub = Hub::new();
-        let mut a = hub.park("a@x", "s1", 0, 0);
+        let mut a = hub.park("a@x", "s1", 0, 0, None);
         hub.shut_down();
         assert_eq!(a.woken().await, Wake::ShuttingDown);
-        let mut late = hub.park("a@x", "s1", 0, 0);
+        let mut late = hub.park("a@x", "s1", 0, 0, None);
         assert_eq!(late.woken().await, Wake::ShuttingDown);
+        assert_eq!(hub.held(), 0);
+    }
+
+    /// What [`Answers`] answered, and the wakes it kept (as an answer
+    /// slot does).
+    #[derive(Default)]
+    struct Answered {
+        got: Mutex<Vec<(String, Vec<i64>)>>,
+        kept: Mutex<Vec<oneshot::Sender<Wake>>>,
+    }
+
+    /// Answers with the seqs `read` finds after seq 1, or declines.
+    struct Answers {
+        to: Arc<Answered>,
+        decline: bool,
+    }
+
+    impl AnswerAtCommit for Answers {
+        fn answer(
+            self: Box<Self>,
+            user: &str,
+            _session: &str,
+            read: ReadNews<'_>,
+            wake: oneshot::Sender<Wake>,
+        ) -> Result<(), oneshot::Sender<Wake>> {
+            if self.decline {
+                return Err(wake);
+            }
+            let found = read(user, 1, 0, 100).unwrap_or_default();
+            let seqs = found.iter().map(|m| m.seq).collect();
+            self.to.got.lock().unwrap().push((user.to_owned(), seqs));
+            self.to.kept.lock().unwrap().push(wake);
+            Ok(())
+        }
+    }
+
+    impl Answered {
+        fn answers(self: &Arc<Self>, decline: bool) -> Option<Box<dyn AnswerAtCommit>> {
+            Some(Box::new(Answers {
+                to: self.clone(),
+                decline,
+            }))
+        }
+
+        fn got(&self) -> Vec<(String, Vec<i64>)> {
+            self.got.lock().unwrap().clone()
+        }
+    }
+
+    /// Reads two messages of each user, seqs 1 and 2.
+    fn two_each(
+        _user: &str,
+        after: i64,
+        _since_ms: i64,
+        _limit: u32,
+    ) -> Option<Vec<StoredMessage>> {
+        let message = |seq| StoredMessage {
+            seq,
+            id: format!("m{seq}"),
+            kind: 70,
+            accepted_ms: 0,
+            visible_ms: 0,
+            data: "{}".into(),
+        };
+        Some(
+            [1, 2]
+                .into_iter()
+                .filter(|s| *s > after)
+                .map(message)
+                .collect(),
+        )
+    }
+
+    fn not_woken(p: &mut Parked) -> bool {
+        matches!(p.rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+    }
+
+    #[tokio::test]
+    async fn a_commit_answers_its_users_polls_that_can_be_and_wakes_the_rest() {
+        let hub = Hub::new();
+        let answered = Arc::new(Answered::default());
+        let mut at_commit = hub.park("a@x", "s1", 0, 0, answered.answers(false));
+        let mut plain = hub.park("a@x", "s2", 0, 0, None);
+        let mut declines = hub.park("a@x", "s3", 0, 0, answered.answers(true));
+        let mut other = hub.park("b@x", "s4", 0, 0, answered.answers(false));
+        hub.wake_after_commit(&["a@x".into(), "c@x".into()], &two_each);
+        assert_eq!(answered.got(), vec![("a@x".to_owned(), vec![2])]);
+        assert!(not_woken(&mut at_commit));
+        assert_eq!(plain.woken().await, Wake::News);
+        assert_eq!(declines.woken().await, Wake::News);
+        assert!(not_woken(&mut other));
+        assert_eq!(hub.held(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_commit_for_many_users_leaves_every_answer_to_the_polls() {
+        let hub = Hub::new();
+        let answered = Arc::new(Answered::default());
+        let users: Vec<String> = (0..=MAX_USERS_ANSWERED_AT_COMMIT)
+            .map(|i| format!("u{i}"))
+            .collect();
+        let mut parked: Vec<Parked> = users
+            .iter()
+            .map(|u| hub.park(u, "s", 0, 0, answered.answers(false)))
+            .collect();
+        hub.wake_after_commit(&users, &two_each);
+        assert!(answered.got().is_empty());
+        for p in &mut parked {
+            assert_eq!(p.woken().await, Wake::News);
+        }
         assert_eq!(hub.held(), 0);
     }
 }

@@ -108,6 +108,7 @@ pub struct Metrics {
     accepted: Family<SourceLabel, Counter>,
     pub duplicates: Counter,
     pub delivered: Counter,
+    pub answered_at_commit: Counter,
     pub store_errors: Counter,
     pub delivery_latency: Histogram,
     /// The latest delivery latencies in ms, newest last.
@@ -140,6 +141,7 @@ impl Metrics {
         let accepted = Family::<SourceLabel, Counter>::default();
         let duplicates = Counter::default();
         let delivered = Counter::default();
+        let answered_at_commit = Counter::default();
         let store_errors = Counter::default();
         // Seconds, from 1 ms to about 16 s.
         let delivery_latency = Histogram::new(
@@ -186,6 +188,11 @@ impl Metrics {
             delivered.clone(),
         );
         registry.register(
+            "poll_answers_at_commit",
+            "Poll answers with messages written by the thread that committed them, without waking the poll",
+            answered_at_commit.clone(),
+        );
+        registry.register(
             "store_errors",
             "Store operations that failed",
             store_errors.clone(),
@@ -216,6 +223,7 @@ impl Metrics {
             accepted,
             duplicates,
             delivered,
+            answered_at_commit,
             store_errors,
             delivery_latency,
             latency_window: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),

@@ -5,12 +5,16 @@
 
 use crate::app::App;
 use crate::http::error::ApiError;
-use crate::hub::Wake;
+use crate::http::HeadId;
+use crate::hub::{AnswerAtCommit, ReadNews, Wake};
 use crate::metrics::Outcome;
+use crate::server::AnswerSlot;
 use crate::session::{Session, SessionError};
 use crate::store::StoredMessage;
 use crate::wire::{PollAnswer, WireMessage, MAX_MESSAGES_PER_ANSWER};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// A validated poll.
@@ -19,6 +23,9 @@ pub struct PollRequest {
     /// The position from the client's cursor; `None` for cursor-less clients.
     pub cursor: Option<i64>,
     pub timeout: Duration,
+    /// The connection's socket, lent for an answer written where the news
+    /// is committed, and that answer's head.
+    pub lent: Option<(Arc<AnswerSlot>, HeadId)>,
 }
 
 const CURSOR_PREFIX: &str = "1.";
@@ -34,12 +41,16 @@ pub fn decode_cursor(s: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::BadRequest("cursor is not one this server issued".into()))
 }
 
-pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError> {
+pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiError> {
     let PollRequest {
         session,
         cursor,
         timeout,
+        lent,
     } = req;
+    // A poll without a cursor has its position saved before its answer,
+    // which is no work for the committing thread.
+    let lent = lent.filter(|_| cursor.is_some());
     let after = match cursor {
         Some(seq) => seq,
         None => app.store.position(&session.key).await?.unwrap_or(0),
@@ -51,9 +62,22 @@ pub async fn answer(app: &App, req: PollRequest) -> Result<PollAnswer, ApiError>
     loop {
         // Park before reading, so a commit between the read and the wait
         // still wakes this poll.
-        let mut parked = app
-            .hub
-            .park(&session.user, &session.key, after, session.start_ms);
+        let at_commit = lent.as_ref().map(|(slot, head)| {
+            Box::new(AtCommit {
+                app: app.clone(),
+                slot: slot.clone(),
+                head: *head,
+                after,
+                start_ms: session.start_ms,
+            }) as Box<dyn AnswerAtCommit>
+        });
+        let mut parked = app.hub.park(
+            &session.user,
+            &session.key,
+            after,
+            session.start_ms,
+            at_commit,
+        );
         // The hub may know from the last read that nothing is new: then the
         // poll that follows an answer waits without reading the store.
         if !parked.nothing_new() {
@@ -117,15 +141,32 @@ async fn deliver(
     more: bool,
 ) -> Result<PollAnswer, ApiError> {
     let last = found.last().map(|m| m.seq).unwrap_or_default();
-    let now = crate::clock::now_ms();
     if keep_position {
         app.store
-            .save_position(&session.key, &session.user, last, now)
+            .save_position(&session.key, &session.user, last, crate::clock::now_ms())
             .await?;
     }
+    count_delivery(app, found.iter().map(|m| m.visible_ms));
+    with_messages(found, more)
+}
+
+/// Count an answer with messages that became visible at `visible_ms`.
+fn count_delivery(app: &App, visible_ms: impl Iterator<Item = i64>) {
+    let now = crate::clock::now_ms();
+    let mut delivered = 0;
+    for visible in visible_ms {
+        app.metrics.observe_delivery(now - visible);
+        delivered += 1;
+    }
+    app.metrics.delivered.inc_by(delivered);
+    app.metrics.answered(Outcome::message);
+}
+
+/// The answer that carries `found`.
+fn with_messages(found: Vec<StoredMessage>, more: bool) -> Result<PollAnswer, ApiError> {
+    let last = found.last().map(|m| m.seq).unwrap_or_default();
     let mut msg = Vec::with_capacity(found.len());
     for m in found {
-        app.metrics.observe_delivery(now - m.visible_ms);
         let data = serde_json::value::RawValue::from_string(m.data).map_err(|e| {
             ApiError::Internal(anyhow::anyhow!("stored data of {} is not JSON: {e}", m.id))
         })?;
@@ -136,12 +177,58 @@ async fn deliver(
             data,
         });
     }
-    app.metrics.delivered.inc_by(msg.len() as u64);
-    app.metrics.answered(Outcome::message);
     Ok(PollAnswer {
         c: msg.len(),
         msg,
         cursor: encode_cursor(last),
         more,
     })
+}
+
+/// A parked poll with a cursor, on a connection that lent its socket: it
+/// can be answered by the thread that commits its news.
+struct AtCommit {
+    app: Arc<App>,
+    slot: Arc<AnswerSlot>,
+    head: HeadId,
+    after: i64,
+    start_ms: i64,
+}
+
+impl AnswerAtCommit for AtCommit {
+    fn answer(
+        self: Box<Self>,
+        user: &str,
+        session: &str,
+        read: ReadNews<'_>,
+        wake: oneshot::Sender<Wake>,
+    ) -> Result<(), oneshot::Sender<Wake>> {
+        let app = &self.app;
+        // Anything unusual is left to the poll's own runtime.
+        if app.sessions.is_revoked_parts(session, user, self.start_ms) {
+            return Err(wake);
+        }
+        let limit = MAX_MESSAGES_PER_ANSWER as u32 + 1;
+        let Some(found) = read(user, self.after, self.start_ms, limit) else {
+            return Err(wake);
+        };
+        if found.is_empty() || found.len() > MAX_MESSAGES_PER_ANSWER {
+            return Err(wake);
+        }
+        let visible_ms: Vec<i64> = found.iter().map(|m| m.visible_ms).collect();
+        let delivered = found.len() as u64;
+        let Ok(answer) = with_messages(found, false) else {
+            return Err(wake);
+        };
+        let Ok(body) = serde_json::to_vec(&answer) else {
+            return Err(wake);
+        };
+        let head = app.poll_heads.get(self.head).clone();
+        self.slot
+            .answer(&crate::server::encode_answer(head, &body), wake)?;
+        count_delivery(app, visible_ms.into_iter());
+        app.metrics.answered_at_commit.inc();
+        app.registry.delivered(session, delivered);
+        Ok(())
+    }
 }

@@ -160,15 +160,21 @@ impl SessionValidator {
 
     /// True when `s` is revoked, by its id or by its user's revocation.
     pub fn is_revoked(&self, s: &Session) -> bool {
+        self.is_revoked_parts(&s.key, &s.user, s.start_ms)
+    }
+
+    /// [`SessionValidator::is_revoked`], for the session `key` of `user`
+    /// that began at `start_ms`.
+    pub fn is_revoked_parts(&self, key: &str, user: &str, start_ms: i64) -> bool {
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         if revoked.sessions.is_empty() && revoked.mailboxes.is_empty() {
             return false;
         }
-        revoked.sessions.contains_key(&s.key)
+        revoked.sessions.contains_key(key)
             || revoked
                 .mailboxes
-                .get(&s.user)
-                .is_some_and(|&at| s.start_ms <= at)
+                .get(user)
+                .is_some_and(|&at| start_ms <= at)
     }
 
     /// Replace the in-memory revocations with the store's.

@@ -38,7 +38,7 @@ pub const MAX_BODY_BYTES: usize = crate::config::DEFAULT_MAX_BODY_BYTES;
 
 /// The router of the public listener.
 pub fn public_router(app: Arc<App>) -> Router {
-    let mut router = Router::new()
+    let router = Router::new()
         .route("/pns/poll", get(poll::poll))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -50,12 +50,16 @@ pub fn public_router(app: Arc<App>) -> Router {
             max_url_bytes: app.config.limits.max_url_bytes,
         })
         .fallback(not_found)
-        .with_state(app.clone())
-        .layer(no_store());
-    if !app.config.allowed_origins.is_empty() {
-        let origins: Vec<HeaderValue> = app
-            .config
-            .allowed_origins
+        .with_state(app.clone());
+    public_layers(router, &app.config.allowed_origins)
+}
+
+/// What every answer of the public listener goes through: `no-store`, and
+/// CORS for the webmail's origins.
+fn public_layers(router: Router, allowed_origins: &[String]) -> Router {
+    let mut router = router.layer(no_store());
+    if !allowed_origins.is_empty() {
+        let origins: Vec<HeaderValue> = allowed_origins
             .iter()
             .filter_map(|o| HeaderValue::from_str(o).ok())
             .collect();
@@ -69,6 +73,73 @@ pub fn public_router(app: Arc<App>) -> Router {
         );
     }
     router
+}
+
+/// The headers of a poll's `200` answer for each request `Origin`, as
+/// [`public_layers`] make them, for the answers written where their news is
+/// committed ([`crate::server::AnswerSlot`]): made once, at start, by those
+/// layers themselves, so that such an answer is the routed one byte for byte.
+pub struct PollHeads {
+    /// Without an `Origin`, with an origin not allowed, then for each
+    /// allowed origin.
+    heads: Vec<HeaderMap>,
+    allowed: Vec<HeaderValue>,
+}
+
+/// Which of [`PollHeads`] a poll's answer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadId(usize);
+
+impl PollHeads {
+    pub async fn new(allowed_origins: &[String]) -> PollHeads {
+        let allowed: Vec<HeaderValue> = allowed_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        // No allowed origin is ever a single space (a URL is no such thing).
+        let not_allowed = HeaderValue::from_static(" ");
+        let mut heads = vec![routed_head(allowed_origins, None).await];
+        for origin in std::iter::once(&not_allowed).chain(&allowed) {
+            heads.push(routed_head(allowed_origins, Some(origin.clone())).await);
+        }
+        PollHeads { heads, allowed }
+    }
+
+    /// The head for a request with `origin`.
+    pub fn id(&self, origin: Option<&HeaderValue>) -> HeadId {
+        match origin {
+            None => HeadId(0),
+            Some(origin) => HeadId(
+                self.allowed
+                    .iter()
+                    .position(|o| o == origin)
+                    .map_or(1, |i| i + 2),
+            ),
+        }
+    }
+
+    pub fn get(&self, id: HeadId) -> &HeaderMap {
+        &self.heads[id.0]
+    }
+}
+
+/// The headers [`public_layers`] give a poll's `200` answer, but its length.
+async fn routed_head(allowed_origins: &[String], origin: Option<HeaderValue>) -> HeaderMap {
+    use tower::ServiceExt;
+    let answer = || async { axum::Json(()) };
+    let router = public_layers(
+        Router::new().route("/pns/poll", get(answer)),
+        allowed_origins,
+    );
+    let mut request = axum::http::Request::new(axum::body::Body::empty());
+    *request.uri_mut() = axum::http::Uri::from_static("/pns/poll");
+    if let Some(origin) = origin {
+        request.headers_mut().insert(header::ORIGIN, origin);
+    }
+    let Ok(response) = router.oneshot(request).await;
+    let mut headers = response.into_parts().0.headers;
+    headers.remove(header::CONTENT_LENGTH);
+    headers
 }
 
 /// The router of the internal listener.

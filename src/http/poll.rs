@@ -8,6 +8,7 @@ use crate::app::App;
 use crate::metrics::{LimitScope, Outcome};
 use crate::poll::{decode_cursor, PollRequest};
 use crate::registry::sanitize_come_from;
+use crate::server::AnswerSlot;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::{Extension, Json};
@@ -88,9 +89,11 @@ pub fn poll(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    slot: Option<Extension<Arc<AnswerSlot>>>,
 ) -> impl Future<Output = Result<Json<crate::wire::PollAnswer>, ApiError>> {
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
-    let admitting = Box::pin(admit(app.clone(), query, headers, peer));
+    let slot = slot.map(|Extension(slot)| slot);
+    let admitting = Box::pin(admit(app.clone(), query, headers, peer, slot));
     async move {
         let result = hold(&app, admitting).await;
         if result.is_err() {
@@ -102,7 +105,7 @@ pub fn poll(
 
 /// Once the checks pass, answer the poll (holding it until there is news).
 async fn hold(
-    app: &App,
+    app: &Arc<App>,
     admitting: impl Future<Output = Result<PollRequest, ApiError>>,
 ) -> Result<crate::wire::PollAnswer, ApiError> {
     // In a block: what only the checks need takes no room while held.
@@ -124,6 +127,7 @@ async fn admit(
     raw_query: Option<String>,
     headers: HeaderMap,
     peer: Option<std::net::IpAddr>,
+    slot: Option<Arc<AnswerSlot>>,
 ) -> Result<PollRequest, ApiError> {
     let address = crate::address::client_address(peer, &headers, &app.config.trusted_proxies);
     if let Some(ip) = address {
@@ -173,10 +177,12 @@ async fn admit(
     app.metrics.polled_from(come_from.as_deref());
     app.registry
         .polled(&session, opaque, come_from.as_deref(), address, now_ms);
+    let lent = slot.map(|slot| (slot, app.poll_heads.id(headers.get(header::ORIGIN))));
     Ok(PollRequest {
         session,
         cursor,
         timeout,
+        lent,
     })
 }
 

@@ -2,7 +2,8 @@
 //!
 //! [`Ingest::accept`] validates nothing (the callers' parsers do), stores the
 //! batch, wakes the polls of the users who got visible news as soon as the
-//! store shows it, tells the delay scheduler about delayed ones, and returns
+//! store shows it (unless the store wakes them itself, see
+//! [`crate::store::MessageStore::wake_after_commits`]), tells the delay scheduler about delayed ones, and returns
 //! once the batch is durable: only then may a caller acknowledge it. Data
 //! flows one way from here: store, then hub, then poll answers.
 //!
@@ -50,6 +51,8 @@ pub struct AcceptReport {
 pub struct Ingest {
     store: SharedStore,
     hub: Arc<Hub>,
+    /// The store wakes the hub after its commits; otherwise [`Ingest::accept`] does.
+    store_wakes: bool,
     scheduler: Arc<DelayScheduler>,
     metrics: Arc<Metrics>,
 }
@@ -61,9 +64,11 @@ impl Ingest {
         scheduler: Arc<DelayScheduler>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let store_wakes = store.wake_after_commits(hub.clone());
         Ingest {
             store,
             hub,
+            store_wakes,
             scheduler,
             metrics,
         }
@@ -75,7 +80,11 @@ impl Ingest {
         source: Source,
     ) -> StoreResult<AcceptReport> {
         let now = crate::clock::now_ms();
-        let users: Vec<String> = batch.iter().map(|m| m.user.clone()).collect();
+        // Whom to wake, unless the store wakes them itself.
+        let users: Vec<String> = match self.store_wakes {
+            true => Vec::new(),
+            false => batch.iter().map(|m| m.user.clone()).collect(),
+        };
         // A failure is counted by the metered store.
         let acceptance = self.store.accept(batch, now).await?;
         let outcomes = acceptance.outcomes;
@@ -86,15 +95,15 @@ impl Ingest {
         };
         let mut woken: Vec<&str> = Vec::new();
         let mut delayed = false;
-        for (outcome, user) in outcomes.into_iter().zip(&users) {
+        for (i, outcome) in outcomes.into_iter().enumerate() {
             match outcome {
                 Accepted::Stored { id, visible } => {
                     report.accepted += 1;
                     report.ids.push(id);
-                    if visible {
-                        woken.push(user);
-                    } else {
-                        delayed = true;
+                    match users.get(i) {
+                        _ if !visible => delayed = true,
+                        Some(user) => woken.push(user),
+                        None => {}
                     }
                 }
                 Accepted::Duplicate { id } => {

@@ -18,8 +18,12 @@
 //!
 //! While the router's future is pending the socket is watched: a client that
 //! closes ends the request at once, which releases its held poll.
+//!
+//! A poll (`GET /pns/poll`, HTTP/1.1, keep-alive) carries its socket in an
+//! [`AnswerSlot`], for its answer to be written where the news is committed;
+//! the connection goes on to the next request once it finds it answered.
 
-use super::Listener;
+use super::{AnswerSlot, Listener};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -29,7 +33,9 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -52,6 +58,9 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
     // Bytes received after the last request's head (pipelining); most often
     // empty, and then unallocated.
     let mut pending = Vec::new();
+    // The slot lent with the request in flight, closed before the stream
+    // goes (locals are dropped before arguments).
+    let mut lent = Lent(None);
     let end = loop {
         // The futures of this loop are boxed while they run, so that what
         // a held poll's task keeps is little more than the socket and the
@@ -59,13 +68,18 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
         let (mut call, head_only, version, keep_alive) =
             match Box::pin(read_head(&mut stream, pending, max_head, listener)).await {
                 Head::Request {
-                    req,
+                    mut req,
                     keep_alive,
                     rest,
                 } => {
                     pending = rest;
                     let head_only = req.method() == Method::HEAD;
                     let version = req.version();
+                    if keep_alive && answerable(&req) {
+                        let slot = Arc::new(AnswerSlot::new(stream.as_raw_fd()));
+                        req.extensions_mut().insert(slot.clone());
+                        lent.0 = Some(slot);
+                    }
                     (call(listener, req, peer), head_only, version, keep_alive)
                 }
                 other => break other,
@@ -75,9 +89,20 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
         // `poll_read_ready` rather than `readable()`: it needs no waiter of
         // its own in this future.
         let mut watching = pending.len() < max_head;
+        let slot = lent.0.as_deref();
         let held = std::future::poll_fn(|cx| {
+            // Answered elsewhere: the routed future is not polled again,
+            // so it answers nothing more (and counts nothing more).
+            if let Some(Poll::Ready(rest)) = slot.map(|s| s.poll_answered(cx)) {
+                return Poll::Ready(Some(Held::Elsewhere(rest)));
+            }
             if let Poll::Ready(r) = call.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
+                if slot.is_some_and(|s| !s.claim()) {
+                    if let Some(Poll::Ready(rest)) = slot.map(|s| s.poll_answered(cx)) {
+                        return Poll::Ready(Some(Held::Elsewhere(rest)));
+                    }
+                }
+                return Poll::Ready(Some(Held::Routed(r)));
             }
             while watching {
                 match stream.poll_read_ready(cx) {
@@ -97,11 +122,20 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
             Poll::Pending
         });
         let response = match held.await {
-            Some(Ok(r)) => r,
-            Some(Err(never)) => match never {},
+            Some(Held::Routed(Ok(r))) => r,
+            Some(Held::Routed(Err(never))) => match never {},
+            Some(Held::Elsewhere(rest)) => {
+                drop(call);
+                lent.close();
+                if !rest.is_empty() && Box::pin(stream.write_all(&rest)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             None => return,
         };
         drop(call);
+        lent.close();
         let keep_alive = keep_alive && !listener.shutdown.is_triggered();
         let Ok(keep_alive) = Box::pin(respond(
             &mut stream,
@@ -118,7 +152,51 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
             break Head::Closed;
         }
     };
+    lent.close();
     Box::pin(finish(stream, peer, end, listener)).await;
+}
+
+/// Whether a request may be answered from elsewhere: a poll, whose answer
+/// keeps the connection open and has a body.
+fn answerable(req: &Request<Body>) -> bool {
+    req.method() == Method::GET
+        && req.version() == Version::HTTP_11
+        && req.uri().path() == "/pns/poll"
+}
+
+/// How a request in flight ended.
+enum Held<R> {
+    /// The router answered.
+    Routed(R),
+    /// The answer went out from elsewhere; the part of it left to write.
+    Elsewhere(Vec<u8>),
+}
+
+/// The slot lent with the request in flight.
+struct Lent(Option<Arc<AnswerSlot>>);
+
+impl Lent {
+    fn close(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.close();
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A poll's `200` answer, as [`respond`] writes the routed one: the
+/// router's headers (`headers`), then the length and the date.
+pub fn encode_answer(headers: HeaderMap, body: &[u8]) -> Vec<u8> {
+    let mut out = encode(StatusCode::OK, headers, body, false, Connection::Default);
+    if body.len() > ONE_WRITE {
+        out.extend_from_slice(body);
+    }
+    out
 }
 
 /// Hand `req` to the router, with the peer address as hyper's connections

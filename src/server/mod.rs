@@ -8,7 +8,11 @@
 //! front ([`http1`]) for the requests browsers send, so that a held poll
 //! owns no read buffer, and hands anything else to hyper.
 
+mod answer_slot;
 mod http1;
+
+pub use answer_slot::AnswerSlot;
+pub use http1::encode_answer;
 
 use axum::extract::ConnectInfo;
 use axum::Router;

@@ -135,4 +135,8 @@ impl MessageStore for Metered {
     fn announce_poll(&self, user: &str, session: &str, at_ms: i64) {
         self.inner.announce_poll(user, session, at_ms)
     }
+
+    fn wake_after_commits(&self, hub: std::sync::Arc<crate::hub::Hub>) -> bool {
+        self.inner.wake_after_commits(hub)
+    }
 }

@@ -285,6 +285,15 @@ pub trait MessageStore: Send + Sync + 'static {
     /// A poll of `session` began on this node at `at_ms`; a shared store tells
     /// the other nodes ([`StoreEvent::PollStarted`]), best effort.
     fn announce_poll(&self, _user: &str, _session: &str, _at_ms: i64) {}
+
+    /// Have the store wake `hub` itself after each commit that makes
+    /// messages visible, in commit order, with the rows committed
+    /// ([`crate::hub::Hub::wake_for_rows`]); the first hub given is kept.
+    /// False for a store that cannot: then whoever stored a message wakes
+    /// its user.
+    fn wake_after_commits(&self, _hub: Arc<crate::hub::Hub>) -> bool {
+        false
+    }
 }
 
 pub type SharedStore = Arc<dyn MessageStore>;

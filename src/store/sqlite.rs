@@ -111,6 +111,9 @@ pub struct SqliteStore {
 struct InMemory {
     recent: Recent,
     positions: Positions,
+    /// Woken after each commit, in commit order, once given
+    /// ([`MessageStore::wake_after_commits`]).
+    hub: std::sync::OnceLock<Arc<crate::hub::Hub>>,
 }
 
 /// Rows made visible, with their mailboxes.
@@ -124,7 +127,19 @@ struct Fresh {
 
 impl InMemory {
     fn learn(&self, fresh: Fresh) {
+        let Some(hub) = self.hub.get() else {
+            return self.recent.record(fresh.rows);
+        };
+        let mut users: Vec<&str> = fresh.rows.iter().map(|(user, _)| user.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let users: Vec<String> = users.into_iter().map(str::to_owned).collect();
+        // Woken once the rows can be read, so that a poll that parks
+        // meanwhile either reads them or is woken.
         self.recent.record(fresh.rows);
+        hub.wake_after_commit(&users, &|user, after, since_ms, limit| {
+            self.recent.fetch(user, after, since_ms, limit)
+        });
     }
 
     /// After a purge: any row may have been deleted.
@@ -274,6 +289,7 @@ impl SqliteStore {
         let memory = Arc::new(InMemory {
             recent: Recent::new(top_seq, top_visible_ms),
             positions: Positions::new(with_position.iter().map(String::as_str)),
+            hub: std::sync::OnceLock::new(),
         });
         drop(with_position);
         let sync_health = sync.health();
@@ -1541,6 +1557,12 @@ impl MessageStore for SqliteStore {
         )
         .fetch_one(&self.reads)
         .await?)
+    }
+
+    fn wake_after_commits(&self, hub: Arc<crate::hub::Hub>) -> bool {
+        // The writer is in this process and commits one round at a time.
+        let _ = self.memory.hub.set(hub);
+        true
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -28,6 +28,10 @@ impl Reply {
     fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
+
+    fn c_of(&self) -> u64 {
+        self.json()["c"].as_u64().unwrap()
+    }
 }
 
 /// A raw HTTP/1 client connection.
@@ -303,4 +307,94 @@ async fn a_head_request_gets_no_body() {
     let r = raw.reply().await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "ok");
+}
+
+const AT_COMMIT: &str = "pns_poll_answers_at_commit_total";
+
+/// A poll request with `Origin: origin` when given.
+fn poll_from(origin: Option<&str>, sid: &str, query: &str) -> String {
+    let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+    format!("GET /pns/poll?sid={sid}&{query} HTTP/1.1\r\nHost: pns\r\n{origin}\r\n")
+}
+
+/// The headers but the date, in the order sent.
+fn without_date(reply: &Reply) -> Vec<(String, String)> {
+    let headers = reply.headers.iter().filter(|(n, _)| n != "date");
+    headers.cloned().collect()
+}
+
+#[tokio::test]
+async fn a_held_poll_answered_where_its_mail_is_committed_gets_the_routed_answer_byte_for_byte() {
+    let webmail = "https://mail.example.com";
+    let s = Server::start_with(&[("PNS_ALLOWED_ORIGINS", webmail)]);
+    let sid = s.sid("alice@example.com");
+    for (round, origin) in [Some(webmail), None, Some("https://elsewhere.example")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut raw = Raw::connect(&s).await;
+        raw.send(&poll_from(origin, &sid, "timeout=0")).await;
+        let before = raw.reply().await.json()["cursor"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+
+        // Held, then answered by the thread that commits the mail.
+        raw.send(&poll_from(
+            origin,
+            &sid,
+            &format!("cursor={before}&timeout=1"),
+        ))
+        .await;
+        s.polls_held_becomes(1).await;
+        s.mail("alice@example.com", &format!("round {round}")).await;
+        let at_commit = raw.reply().await;
+        assert_eq!(metric(&s, AT_COMMIT).await, (round + 1) as f64);
+        assert_eq!(at_commit.status, 200);
+        assert_eq!(
+            at_commit.json()["msg"][0]["data"]["subject"],
+            format!("round {round}")
+        );
+        assert_eq!(
+            at_commit.header("access-control-allow-origin"),
+            origin.filter(|o| *o == webmail),
+            "{origin:?}"
+        );
+
+        // The hold of the poll answered ends meanwhile: the connection
+        // stays quiet, then serves the next request.
+        assert!(!raw.closes(Duration::from_millis(1500)).await);
+        assert!(raw.buf.is_empty(), "sent after the answer: {:?}", raw.buf);
+
+        // The same poll again, answered from the store by the router.
+        raw.send(&poll_from(
+            origin,
+            &sid,
+            &format!("cursor={before}&timeout=0"),
+        ))
+        .await;
+        let routed = raw.reply().await;
+        assert_eq!(metric(&s, AT_COMMIT).await, (round + 1) as f64);
+        assert_eq!(routed.body, at_commit.body);
+        assert_eq!(
+            without_date(&routed),
+            without_date(&at_commit),
+            "{origin:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_poll_without_a_cursor_is_answered_by_its_own_runtime() {
+    let s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let mut raw = Raw::connect(&s).await;
+    raw.send(&poll_request(&sid, "timeout=0")).await;
+    assert_eq!(raw.reply().await.c_of(), 0);
+    // Its position is saved with its answer: not the committing thread's work.
+    raw.send(&poll_request(&sid, "timeout=20")).await;
+    s.polls_held_becomes(1).await;
+    s.mail("alice@example.com", "one").await;
+    assert_eq!(raw.reply().await.c_of(), 1);
+    assert_eq!(metric(&s, AT_COMMIT).await, 0.0);
 }

@@ -9,26 +9,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
-/// `GET /metrics` on the internal listener, without a token.
-async fn metrics(s: &Server) -> String {
-    let r = s.http.get(s.internal_url("/metrics")).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    r.text().await.unwrap()
-}
-
-/// The value of the sample `series` (name with labels, exactly as written).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().unwrap())
-    })
-}
-
-async fn metric(s: &Server, series: &str) -> f64 {
-    let text = metrics(s).await;
-    sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
 /// Wait until `series` reads `want`.
 async fn metric_becomes(s: &Server, series: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -382,3 +382,23 @@ pub fn pns(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, Str
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `GET /metrics` on the internal listener, without a token.
+pub async fn metrics(s: &Server) -> String {
+    let r = s.http.get(s.internal_url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    r.text().await.unwrap()
+}
+
+/// The value of the sample `series` (name with labels, exactly as written).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().unwrap())
+    })
+}
+
+pub async fn metric(s: &Server, series: &str) -> f64 {
+    let text = metrics(s).await;
+    sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
