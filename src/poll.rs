@@ -1,7 +1,9 @@
 //! Answering a poll: read the store from the session's position, and if there
 //! is no news, wait in the hub until there is, the hold ends, a newer poll of
 //! the session takes over, the session is revoked, the user holds too many
-//! polls, or the node shuts down.
+//! polls, or the node shuts down. A poll with a cursor, parked on a
+//! connection that lent its socket, may instead be answered by the thread
+//! that commits its news ([`AtCommit`]).
 
 use crate::app::App;
 use crate::http::error::ApiError;

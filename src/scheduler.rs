@@ -59,6 +59,9 @@ async fn release_and_peek(
     hub: &Hub,
     now: i64,
 ) -> crate::store::StoreResult<Option<i64>> {
+    // A store that wakes the hub after its commits has woken them already;
+    // a second wake costs each of their polls one read, and only for
+    // delayed messages.
     for user in store.release_due(now).await? {
         hub.wake(&user);
     }
