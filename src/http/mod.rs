@@ -32,6 +32,9 @@ use std::sync::Arc;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
+/// The path of the long poll.
+pub const POLL_PATH: &str = "/pns/poll";
+
 /// Internal request bodies larger than this are refused with 413 by default
 /// (`PNS_MAX_BODY_BYTES`).
 pub const MAX_BODY_BYTES: usize = crate::config::DEFAULT_MAX_BODY_BYTES;
@@ -39,7 +42,7 @@ pub const MAX_BODY_BYTES: usize = crate::config::DEFAULT_MAX_BODY_BYTES;
 /// The router of the public listener.
 pub fn public_router(app: Arc<App>) -> Router {
     let router = Router::new()
-        .route("/pns/poll", get(poll::poll))
+        .route(POLL_PATH, get(poll::poll))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/pns/client.js", get(demo::client_js))
@@ -127,12 +130,9 @@ impl PollHeads {
 async fn routed_head(allowed_origins: &[String], origin: Option<HeaderValue>) -> HeaderMap {
     use tower::ServiceExt;
     let answer = || async { axum::Json(()) };
-    let router = public_layers(
-        Router::new().route("/pns/poll", get(answer)),
-        allowed_origins,
-    );
+    let router = public_layers(Router::new().route(POLL_PATH, get(answer)), allowed_origins);
     let mut request = axum::http::Request::new(axum::body::Body::empty());
-    *request.uri_mut() = axum::http::Uri::from_static("/pns/poll");
+    *request.uri_mut() = axum::http::Uri::from_static(POLL_PATH);
     if let Some(origin) = origin {
         request.headers_mut().insert(header::ORIGIN, origin);
     }

@@ -97,6 +97,9 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
                 return Poll::Ready(Some(Held::Elsewhere(rest)));
             }
             if let Poll::Ready(r) = call.as_mut().poll(cx) {
+                // Answered elsewhere while the router answered too (the
+                // hold ending, say): the routed answer, already counted,
+                // is dropped.
                 if slot.is_some_and(|s| !s.claim()) {
                     if let Some(Poll::Ready(rest)) = slot.map(|s| s.poll_answered(cx)) {
                         return Poll::Ready(Some(Held::Elsewhere(rest)));
@@ -161,7 +164,7 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
 fn answerable(req: &Request<Body>) -> bool {
     req.method() == Method::GET
         && req.version() == Version::HTTP_11
-        && req.uri().path() == "/pns/poll"
+        && req.uri().path() == crate::http::POLL_PATH
 }
 
 /// How a request in flight ended.
