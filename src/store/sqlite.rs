@@ -114,6 +114,10 @@ struct InMemory {
     /// Woken after each commit, in commit order, once given
     /// ([`MessageStore::wake_after_commits`]).
     hub: std::sync::OnceLock<Arc<crate::hub::Hub>>,
+    /// The messages in the file, visible and delayed: counted once at
+    /// start, then kept by the writer, so that the stats need no scan of
+    /// the table.
+    stored: std::sync::atomic::AtomicI64,
 }
 
 /// Rows made visible, with their mailboxes.
@@ -123,10 +127,14 @@ type Rows = Vec<(String, StoredMessage)>;
 #[derive(Default)]
 struct Fresh {
     rows: Rows,
+    /// Messages stored, visible or delayed, less those purged.
+    stored: i64,
 }
 
 impl InMemory {
     fn learn(&self, fresh: Fresh) {
+        self.stored
+            .fetch_add(fresh.stored, std::sync::atomic::Ordering::Relaxed);
         let Some(hub) = self.hub.get() else {
             return self.recent.record(fresh.rows);
         };
@@ -286,10 +294,12 @@ impl SqliteStore {
             sqlx::query_scalar("SELECT session FROM session_positions")
                 .fetch_all(&mut writer)
                 .await?;
+        let stored = count_stored(&mut writer).await?;
         let memory = Arc::new(InMemory {
             recent: Recent::new(top_seq, top_visible_ms),
             positions: Positions::new(with_position.iter().map(String::as_str)),
             hub: std::sync::OnceLock::new(),
+            stored: stored.into(),
         });
         drop(with_position);
         let sync_health = sync.health();
@@ -850,7 +860,7 @@ async fn commit_round(
             } => Some((batch, now_ms, reply)),
             _ => None,
         });
-        insert_plain_group(conn, group.collect(), seqs, &mut done, &mut fresh.rows).await;
+        insert_plain_group(conn, group.collect(), seqs, &mut done, &mut fresh).await;
         memory.learn(fresh);
         return (done, Ok(()));
     }
@@ -894,7 +904,7 @@ async fn commit_round(
                         group.push((batch, now_ms, reply));
                     }
                 }
-                insert_plain_group(&mut tx, group, seqs, &mut done, &mut fresh.rows).await;
+                insert_plain_group(&mut tx, group, seqs, &mut done, &mut fresh).await;
             }
             tx.commit().await.map_err(|e| e.to_string())
         }
@@ -944,13 +954,20 @@ async fn apply_in_savepoint(
             batch,
             now_ms,
             reply,
-        } => Done::Accept(
-            reply,
-            keep(
+        } => {
+            let outcomes = keep(
                 in_savepoint!(c => insert_batch(c, batch, now_ms, seqs)),
                 fresh,
-            ),
-        ),
+            );
+            if let Ok(outcomes) = &outcomes {
+                let stored = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, Accepted::Stored { .. }))
+                    .count();
+                fresh.stored += stored as i64;
+            }
+            Done::Accept(reply, outcomes)
+        }
         WriteOp::ReleaseDue { now_ms, reply } => Done::Users(
             reply,
             keep(in_savepoint!(c => release_due(c, now_ms, seqs)), fresh),
@@ -987,10 +1004,11 @@ async fn apply_in_savepoint(
             reply,
         } => {
             let highest_given = seqs.highest_given();
-            Done::Purge(
-                reply,
-                in_savepoint!(c => purge(c, policy, now_ms, highest_given)),
-            )
+            let report = in_savepoint!(c => purge(c, policy, now_ms, highest_given));
+            if let Ok(report) = &report {
+                fresh.stored -= report.messages as i64;
+            }
+            Done::Purge(reply, report)
         }
         WriteOp::RegisterOpaque {
             sid_hash,
@@ -1088,7 +1106,7 @@ async fn insert_plain_group(
     group: PlainGroup,
     seqs: &mut Seqs,
     done: &mut Vec<Done>,
-    fresh: &mut Rows,
+    fresh: &mut Fresh,
 ) {
     let count: usize = group.iter().map(|(b, _, _)| b.len()).sum();
     let mut sql = String::with_capacity(100 + count * 16);
@@ -1116,7 +1134,8 @@ async fn insert_plain_group(
     }
     match q.execute(&mut *conn).await {
         Ok(_) => {
-            fresh.extend(rows);
+            fresh.stored += rows.len() as i64;
+            fresh.rows.extend(rows);
             done.extend(
                 outcomes
                     .into_iter()
@@ -1198,7 +1217,8 @@ fn commit_direct(
     let (rows, outcomes) = plain_rows(group, seqs);
     match direct.insert_messages(&rows) {
         Ok(()) => {
-            memory.learn(Fresh { rows });
+            let stored = rows.len() as i64;
+            memory.learn(Fresh { rows, stored });
             done.extend(
                 outcomes
                     .into_iter()
@@ -1349,6 +1369,15 @@ async fn release_due(
 /// Delete what retention no longer keeps. The newest messages may go too,
 /// so the seq floor is raised to `highest_given` first: no seq is given
 /// twice, even across a restart.
+/// The messages in the file, visible and delayed, counted by a scan.
+async fn count_stored(conn: &mut SqliteConnection) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM messages) + (SELECT count(*) FROM delayed_messages)",
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
 async fn purge(
     conn: &mut SqliteConnection,
     policy: RetentionPolicy,
@@ -1552,11 +1581,10 @@ impl MessageStore for SqliteStore {
     }
 
     async fn message_count(&self) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM messages) + (SELECT count(*) FROM delayed_messages)",
-        )
-        .fetch_one(&self.reads)
-        .await?)
+        Ok(self
+            .memory
+            .stored
+            .load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn wake_after_commits(&self, hub: Arc<crate::hub::Hub>) -> bool {
@@ -1650,6 +1678,13 @@ mod tests {
                 );
             }
         }
+        assert_eq!(store.message_count().await.unwrap(), scanned(&store).await);
+    }
+
+    /// What the file holds, visible and delayed, counted by a scan.
+    async fn scanned(store: &SqliteStore) -> i64 {
+        let mut conn = store.reads.acquire().await.unwrap();
+        count_stored(&mut conn).await.unwrap()
     }
 
     /// A new store has pages of `PAGE_SIZE`; a store made before, with
@@ -1832,6 +1867,7 @@ mod tests {
             .unwrap();
         let purged = store.purge(everything, 5_000).await.unwrap();
         assert_eq!(purged.messages, 2);
+        assert_eq!(store.message_count().await.unwrap(), 0);
         store.accept(vec![plain("a", 3)], 6_000).await.unwrap();
         let next = seqs_of(store.fetch("a", cursor, 0, 10).await.unwrap());
         assert_eq!(
@@ -1846,6 +1882,8 @@ mod tests {
         // jump above the largest seq left in the file, none.
         let store = SqliteStore::open(&url).await.unwrap();
         store.accept(vec![plain("a", 4)], 10_000).await.unwrap();
+        assert_eq!(store.message_count().await.unwrap(), 1);
+        assert_eq!(scanned(&store).await, 1);
         let after_restart = seqs_of(store.fetch("a", next[0], 0, 10).await.unwrap());
         assert_eq!(after_restart.len(), 1);
         assert!(
