@@ -61,6 +61,28 @@ impl Conn {
         })
     }
 
+    /// `GET path` and the number on the first line of the answer that
+    /// starts with `prefix`: how a server's status page says how many polls
+    /// it holds.
+    pub async fn count_in(
+        &mut self,
+        path: &str,
+        prefix: &str,
+        limit: Duration,
+    ) -> anyhow::Result<u64> {
+        let reply = self
+            .request(Method::GET, path, &[], Bytes::new(), limit)
+            .await?;
+        if reply.status != StatusCode::OK {
+            anyhow::bail!("{path} answered {}", reply.status);
+        }
+        String::from_utf8_lossy(&reply.body)
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("{path} has no {prefix:?} line"))
+    }
+
     /// Send one request and read the whole answer, giving up after `limit`.
     pub async fn request(
         &mut self,

@@ -100,15 +100,6 @@ pub async fn publish(conn: &mut Conn, channel: &str, data: Payload) -> anyhow::R
 /// Subscribers connected now, from the `subscribers: N` line of
 /// `nchan_stub_status`.
 pub async fn held(conn: &mut Conn) -> anyhow::Result<u64> {
-    let reply = conn
-        .request(Method::GET, "/nchan_status", &[], Bytes::new(), CALL_LIMIT)
-        .await?;
-    if reply.status != StatusCode::OK {
-        anyhow::bail!("nchan_stub_status answered {}", reply.status);
-    }
-    String::from_utf8_lossy(&reply.body)
-        .lines()
-        .find_map(|l| l.strip_prefix("subscribers:"))
-        .and_then(|n| n.trim().parse().ok())
-        .context("nchan_stub_status has no subscribers line")
+    conn.count_in("/nchan_status", "subscribers:", CALL_LIMIT)
+        .await
 }

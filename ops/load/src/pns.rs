@@ -179,16 +179,7 @@ impl Internal {
     /// with each round), and the ramp and the waits for every poll held
     /// again ask often.
     pub async fn held(&self, conn: &mut Conn) -> anyhow::Result<u64> {
-        let reply = conn
-            .request(Method::GET, "/metrics", &[], Bytes::new(), CALL_LIMIT)
-            .await?;
-        if reply.status != StatusCode::OK {
-            anyhow::bail!("metrics answered {}", reply.status);
-        }
-        String::from_utf8_lossy(&reply.body)
-            .lines()
-            .find_map(|l| l.strip_prefix("pns_polls_held "))
-            .and_then(|n| n.trim().parse().ok())
-            .context("the metrics have no pns_polls_held")
+        conn.count_in("/metrics", "pns_polls_held ", CALL_LIMIT)
+            .await
     }
 }
