@@ -5,7 +5,10 @@
 //! accepted, the one the key is for, so `alg: none` and algorithm confusion
 //! (an HS256 token "signed" with a public key) fail signature checks. The
 //! revocations in force are kept in memory, so the hot path never asks the
-//! store.
+//! store. HS256 tokens, the common case, are checked by [`hs256`], lean
+//! enough for every poll; public keys by jsonwebtoken.
+
+mod hs256;
 
 use crate::store::{Revocations, SharedStore, StoreResult};
 use foldhash::HashMap;
@@ -71,31 +74,23 @@ pub enum VerifyKey {
 }
 
 pub struct SessionValidator {
-    key: DecodingKey,
-    validation: Validation,
+    check: Check,
     revoked: RwLock<RevokedSet>,
 }
 
-#[derive(Default)]
-struct RevokedSet {
-    sessions: HashMap<String, i64>,
-    mailboxes: HashMap<String, i64>,
+/// How a token's signature and claims are checked.
+enum Check {
+    Hs256(hs256::Hs256),
+    /// jsonwebtoken's decode: for public keys, whose verification dwarfs
+    /// the decoding anyway.
+    Generic {
+        key: DecodingKey,
+        validation: Validation,
+    },
 }
 
-impl SessionValidator {
-    pub fn new(key: VerifyKey, audience: Option<&str>) -> anyhow::Result<Self> {
-        let (key, alg) = match key {
-            VerifyKey::Secret(s) => (DecodingKey::from_secret(&s), Algorithm::HS256),
-            VerifyKey::PublicPem(pem) => match DecodingKey::from_ed_pem(&pem) {
-                Ok(k) => (k, Algorithm::EdDSA),
-                Err(_) => (
-                    DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                        anyhow::anyhow!("public key is neither an Ed25519 nor an RSA PEM key: {e}")
-                    })?,
-                    Algorithm::RS256,
-                ),
-            },
-        };
+impl Check {
+    fn generic(key: DecodingKey, alg: Algorithm, audience: Option<&str>) -> Check {
         let mut validation = Validation::new(alg);
         validation.leeway = EXP_LEEWAY_SECS;
         match audience {
@@ -108,25 +103,24 @@ impl SessionValidator {
                 validation.set_required_spec_claims(&["exp", "sub"]);
             }
         }
-        Ok(SessionValidator {
-            key,
-            validation,
-            revoked: RwLock::default(),
-        })
+        Check::Generic { key, validation }
     }
 
-    /// Check a token and the revocations in force.
-    pub fn validate(&self, token: &str) -> Result<Session, SessionError> {
+    fn claims(&self, token: &str) -> Result<Claims, SessionError> {
         use jsonwebtoken::errors::ErrorKind;
-        if token.is_empty() {
-            return Err(SessionError::Missing);
-        }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
+        let (key, validation) = match self {
+            Check::Hs256(hs256) => return hs256.decode(token, crate::clock::now_ms() / 1000),
+            Check::Generic { key, validation } => (key, validation),
+        };
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => SessionError::Expired,
                 ErrorKind::InvalidAudience => SessionError::WrongAudience,
                 ErrorKind::MissingRequiredClaim(c) if c == "sub" => {
                     SessionError::MissingClaim("sub")
+                }
+                ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
+                    SessionError::MissingClaim("aud")
                 }
                 ErrorKind::MissingRequiredClaim(_) => SessionError::MissingClaim("exp"),
                 ErrorKind::InvalidSignature
@@ -134,9 +128,44 @@ impl SessionValidator {
                 | ErrorKind::InvalidAlgorithmName
                 | ErrorKind::InvalidKeyFormat => SessionError::BadSignature,
                 _ => SessionError::Malformed,
+            })?;
+        Ok(data.claims)
+    }
+}
+
+#[derive(Default)]
+struct RevokedSet {
+    sessions: HashMap<String, i64>,
+    mailboxes: HashMap<String, i64>,
+}
+
+impl SessionValidator {
+    pub fn new(key: VerifyKey, audience: Option<&str>) -> anyhow::Result<Self> {
+        let check = match key {
+            VerifyKey::Secret(s) => Check::Hs256(hs256::Hs256::new(&s, audience)),
+            VerifyKey::PublicPem(pem) => match DecodingKey::from_ed_pem(&pem) {
+                Ok(k) => Check::generic(k, Algorithm::EdDSA, audience),
+                Err(_) => Check::generic(
+                    DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                        anyhow::anyhow!("public key is neither an Ed25519 nor an RSA PEM key: {e}")
+                    })?,
+                    Algorithm::RS256,
+                    audience,
+                ),
             },
-        )?;
-        let claims = data.claims;
+        };
+        Ok(SessionValidator {
+            check,
+            revoked: RwLock::default(),
+        })
+    }
+
+    /// Check a token and the revocations in force.
+    pub fn validate(&self, token: &str) -> Result<Session, SessionError> {
+        if token.is_empty() {
+            return Err(SessionError::Missing);
+        }
+        let claims = self.check.claims(token)?;
         let user = claims
             .sub
             .filter(|s| !s.is_empty())
@@ -268,5 +297,138 @@ mod tests {
         assert!(v.validate(&t).is_ok());
         v.note_revoked_mailbox("a@x", s.start_ms);
         assert_eq!(v.validate(&t).unwrap_err(), SessionError::Revoked);
+    }
+
+    /// A token of any header and claims, signed with `secret` (HS256).
+    fn signed(header: serde_json::Value, claims: serde_json::Value, secret: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let message = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let tag = ring::hmac::sign(&key, message.as_bytes());
+        format!("{message}.{}", b64(tag.as_ref()))
+    }
+
+    #[test]
+    fn the_hs256_check_decides_as_jsonwebtoken_does() {
+        use serde_json::json;
+        let secret = b"k".repeat(32);
+        let now = crate::clock::now_ms() / 1000;
+        for audience in [None, Some("pns")] {
+            let hs = json!({"alg": "HS256", "typ": "JWT"});
+            let claims = |extra: serde_json::Value| {
+                let mut c = json!({"sub": "a@x", "iat": now, "exp": now + 600, "jti": "j1"});
+                if let Some(aud) = audience {
+                    c["aud"] = json!(aud);
+                }
+                for (k, v) in extra.as_object().unwrap() {
+                    if v.is_null() && k != "sub" {
+                        c.as_object_mut().unwrap().remove(k);
+                    } else {
+                        c[k] = v.clone();
+                    }
+                }
+                c
+            };
+            let good = signed(hs.clone(), claims(json!({})), &secret);
+            let (head, rest) = good.split_once('.').unwrap();
+            let (payload, signature) = rest.split_once('.').unwrap();
+            let other_payload = signed(hs.clone(), claims(json!({"sub": "b@x"})), &secret);
+            let mut tokens = vec![
+                good.clone(),
+                signed(hs.clone(), claims(json!({"exp": now - 10})), &secret),
+                signed(hs.clone(), claims(json!({"exp": now - 3600})), &secret),
+                signed(hs.clone(), claims(json!({"exp": -5})), &secret),
+                signed(hs.clone(), claims(json!({"exp": 1.5e9})), &secret),
+                signed(hs.clone(), claims(json!({"exp": "9999999999"})), &secret),
+                signed(hs.clone(), claims(json!({"exp": null})), &secret),
+                signed(hs.clone(), claims(json!({"sub": null})), &secret),
+                signed(hs.clone(), claims(json!({"sub": ""})), &secret),
+                signed(hs.clone(), claims(json!({"sub": 5})), &secret),
+                signed(hs.clone(), claims(json!({"iat": null})), &secret),
+                signed(hs.clone(), claims(json!({"jti": null})), &secret),
+                signed(hs.clone(), claims(json!({"aud": "pns"})), &secret),
+                signed(hs.clone(), claims(json!({"aud": null})), &secret),
+                signed(hs.clone(), claims(json!({"aud": "other"})), &secret),
+                signed(hs.clone(), claims(json!({"aud": ["pns"]})), &secret),
+                signed(
+                    hs.clone(),
+                    claims(json!({"aud": "other", "exp": now - 3600})),
+                    &secret,
+                ),
+                signed(hs.clone(), claims(json!({})), &b"j".repeat(32)),
+                signed(json!({"alg": "HS256"}), claims(json!({})), &secret),
+                signed(
+                    json!({"alg": "HS256", "kid": "1"}),
+                    claims(json!({})),
+                    &secret,
+                ),
+                signed(
+                    json!({"alg": "HS256", "kid": 1}),
+                    claims(json!({})),
+                    &secret,
+                ),
+                signed(json!({"alg": "HS384"}), claims(json!({})), &secret),
+                signed(json!({"alg": "RS256"}), claims(json!({})), &secret),
+                signed(json!({"alg": "none"}), claims(json!({})), &secret),
+                signed(json!({"typ": "JWT"}), claims(json!({})), &secret),
+                signed(json!([1]), claims(json!({})), &secret),
+                signed(hs.clone(), json!("claims"), &secret),
+                format!("{head}.{payload}."),
+                format!("{head}.{payload}.{}", &signature[1..]),
+                format!("{head}.{payload}.{signature}="),
+                format!("{head}.{payload}.{signature}AA"),
+                format!(
+                    "{head}.{}.{signature}",
+                    other_payload.split('.').nth(1).unwrap()
+                ),
+                format!("{head}.{payload}.{signature}.{signature}"),
+                format!("{head}.{payload}"),
+                format!("{head}.!!.{signature}"),
+                format!("!!.{payload}.{signature}"),
+                "not-a-token".into(),
+                "a.b.c".into(),
+                "..".into(),
+            ];
+            // Within the leeway but one second either side of its edge.
+            tokens.push(signed(
+                hs.clone(),
+                claims(json!({"exp": now - EXP_LEEWAY_SECS as i64 + 2})),
+                &secret,
+            ));
+            tokens.push(signed(
+                hs.clone(),
+                claims(json!({"exp": now - EXP_LEEWAY_SECS as i64 - 2})),
+                &secret,
+            ));
+            let lean = SessionValidator::new(VerifyKey::Secret(secret.clone()), audience).unwrap();
+            assert!(matches!(lean.check, Check::Hs256(_)));
+            let generic = SessionValidator {
+                check: Check::generic(
+                    DecodingKey::from_secret(&secret),
+                    Algorithm::HS256,
+                    audience,
+                ),
+                revoked: RwLock::default(),
+            };
+            let mut accepted = 0;
+            for t in &tokens {
+                let ours = format!("{:?}", lean.validate(t));
+                assert_eq!(
+                    ours,
+                    format!("{:?}", generic.validate(t)),
+                    "audience {audience:?}, token {t}"
+                );
+                accepted += usize::from(ours.starts_with("Ok"));
+            }
+            assert!(
+                accepted >= 3,
+                "only {accepted} accepted: the cases test nothing"
+            );
+        }
     }
 }
