@@ -218,6 +218,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.spawn(crate::server::serve(
         public,
         crate::http::public_router(app.clone()),
+        Some(Arc::new(crate::http::DirectPoll::new(app.clone()))),
         crate::server::ConnLimits {
             max_connections: connection_limit(),
             header_timeout: limits.header_timeout,
@@ -231,6 +232,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.spawn(crate::threads::on_ingest_thread(crate::server::serve(
         internal,
         crate::http::internal_router(app.clone()),
+        None,
         crate::server::ConnLimits {
             max_connections: 4096,
             header_timeout: limits.header_timeout,

@@ -68,7 +68,7 @@ where
     }
 }
 
-fn refusal(request: &Request, max: usize) -> Option<Response> {
+pub(super) fn refusal(request: &Request, max: usize) -> Option<Response> {
     let target = request
         .uri()
         .path_and_query()

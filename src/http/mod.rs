@@ -21,6 +21,8 @@ pub mod limits;
 pub mod notify;
 pub mod poll;
 
+pub use poll::DirectPoll;
+
 use crate::app::App;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, HeaderValue, Method};
@@ -128,18 +130,33 @@ impl PollHeads {
 
 /// The headers [`public_layers`] give a poll's `200` answer, but its length.
 async fn routed_head(allowed_origins: &[String], origin: Option<HeaderValue>) -> HeaderMap {
-    use tower::ServiceExt;
     let answer = || async { axum::Json(()) };
     let router = public_layers(Router::new().route(POLL_PATH, get(answer)), allowed_origins);
+    let mut headers = poll_through(router, origin, ())
+        .await
+        .into_parts()
+        .0
+        .headers;
+    headers.remove(header::CONTENT_LENGTH);
+    headers
+}
+
+/// What `layered`, the public layers around a handler of the poll's path,
+/// answers a poll from `origin` that carries `extension`.
+async fn poll_through<E: Clone + Send + Sync + 'static>(
+    layered: Router,
+    origin: Option<HeaderValue>,
+    extension: E,
+) -> axum::response::Response {
+    use tower::ServiceExt;
     let mut request = axum::http::Request::new(axum::body::Body::empty());
     *request.uri_mut() = axum::http::Uri::from_static(POLL_PATH);
     if let Some(origin) = origin {
         request.headers_mut().insert(header::ORIGIN, origin);
     }
-    let Ok(response) = router.oneshot(request).await;
-    let mut headers = response.into_parts().0.headers;
-    headers.remove(header::CONTENT_LENGTH);
-    headers
+    request.extensions_mut().insert(extension);
+    let Ok(response) = layered.oneshot(request).await;
+    response
 }
 
 /// The router of the internal listener.

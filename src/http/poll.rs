@@ -8,14 +8,17 @@ use crate::app::App;
 use crate::metrics::{LimitScope, Outcome};
 use crate::poll::{decode_cursor, PollRequest};
 use crate::registry::sanitize_come_from;
-use crate::server::AnswerSlot;
+use crate::server::{AnswerSlot, Answering, DirectRoute};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::{header, HeaderMap};
-use axum::{Extension, Json};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
 use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The poll's query parameters, borrowed from the query string unless
@@ -100,6 +103,81 @@ pub fn poll(
             app.metrics.answered(Outcome::error);
         }
         result.map(Json)
+    }
+}
+
+/// The poll, answered without the public router ([`DirectRoute`]): the
+/// same checks and hold as [`poll`], and the same answer, whose headers are
+/// the ones the router's layers give ([`super::PollHeads`]) and, for an
+/// error, are given by those layers themselves.
+pub struct DirectPoll {
+    app: Arc<App>,
+    /// The public layers around a handler that returns the answer it is
+    /// handed: dresses an error answer as the router would.
+    dress: Router,
+}
+
+/// An answer for [`DirectPoll::dress`] to pass through the layers.
+#[derive(Clone)]
+struct Dressing(Arc<Mutex<Option<Response>>>);
+
+impl DirectPoll {
+    pub fn new(app: Arc<App>) -> Self {
+        let undressed = |Extension(Dressing(answer)): Extension<Dressing>| async move {
+            let answer = answer.lock().unwrap_or_else(|p| p.into_inner()).take();
+            answer.unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        };
+        let dress = super::public_layers(
+            Router::new().route(super::POLL_PATH, get(undressed)),
+            &app.config.allowed_origins,
+        );
+        DirectPoll { app, dress }
+    }
+}
+
+impl DirectRoute for DirectPoll {
+    fn takes(&self, req: &Request<Body>) -> bool {
+        // The rest (a HEAD, a refusal of the public checks) is the router's.
+        req.method() == Method::GET
+            && req.uri().path() == super::POLL_PATH
+            && super::limits::refusal(req, self.app.config.limits.max_url_bytes).is_none()
+    }
+
+    fn answer(&self, req: Request<Body>, peer: SocketAddr) -> Answering {
+        let (parts, _) = req.into_parts();
+        let origin = parts.headers.get(header::ORIGIN).cloned();
+        let slot = parts.extensions.get::<Arc<AnswerSlot>>().cloned();
+        let query = parts.uri.query().map(str::to_owned);
+        let app = self.app.clone();
+        let dress = self.dress.clone();
+        let admitting = Box::pin(admit(
+            app.clone(),
+            query,
+            parts.headers,
+            Some(peer.ip()),
+            slot,
+        ));
+        Box::pin(async move {
+            let answered = match hold(&app, admitting).await {
+                Ok(answer) => serde_json::to_vec(&answer).map_err(|e| {
+                    ApiError::Internal(anyhow::anyhow!("cannot encode an answer: {e}"))
+                }),
+                Err(e) => Err(e),
+            };
+            match answered {
+                Ok(body) => {
+                    let head = app.poll_heads.get(app.poll_heads.id(origin.as_ref()));
+                    let mut response = Response::new(Body::from(body));
+                    *response.headers_mut() = head.clone();
+                    response
+                }
+                Err(e) => {
+                    app.metrics.answered(Outcome::error);
+                    let answer = Dressing(Arc::new(Mutex::new(Some(e.into_response()))));
+                    super::poll_through(dress, origin, answer).await
+                }
+            }
+        })
     }
 }
 

@@ -22,15 +22,19 @@
 //! A poll (`GET /pns/poll`, HTTP/1.1, keep-alive) carries its socket in an
 //! [`AnswerSlot`], for its answer to be written where the news is committed;
 //! the connection goes on to the next request once it finds it answered.
+//!
+//! The listener's [`super::DirectRoute`] (the poll, on the public listener)
+//! is offered each request before the router: every poll passes here, and
+//! the router's dispatch, layers and extractors were a good part of a
+//! poll's CPU and most of a held poll's memory.
 
-use super::{AnswerSlot, Listener};
+use super::{AnswerSlot, Answering, Listener};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -125,8 +129,7 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
             Poll::Pending
         });
         let response = match held.await {
-            Some(Held::Routed(Ok(r))) => r,
-            Some(Held::Routed(Err(never))) => match never {},
+            Some(Held::Routed(r)) => r,
             Some(Held::Elsewhere(rest)) => {
                 drop(call);
                 lent.close();
@@ -202,15 +205,20 @@ pub fn encode_answer(headers: HeaderMap, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Hand `req` to the router, with the peer address as hyper's connections
-/// give it.
-fn call(
-    listener: &Listener,
-    mut req: Request<Body>,
-    peer: SocketAddr,
-) -> Pin<Box<tower::util::Oneshot<axum::Router, Request<Body>>>> {
+/// Hand `req` to the listener's direct route if it takes it, else to the
+/// router, with the peer address as hyper's connections give it.
+fn call(listener: &Listener, mut req: Request<Body>, peer: SocketAddr) -> Answering {
+    if let Some(direct) = listener.direct.as_ref().filter(|d| d.takes(&req)) {
+        return direct.answer(req, peer);
+    }
     req.extensions_mut().insert(ConnectInfo(peer));
-    Box::pin(listener.router.clone().oneshot(req))
+    let routing = listener.router.clone().oneshot(req);
+    Box::pin(async move {
+        match routing.await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    })
 }
 
 /// End a connection whose next request our front does not serve.

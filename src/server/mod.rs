@@ -14,11 +14,16 @@ mod http1;
 pub use answer_slot::AnswerSlot;
 pub use http1::encode_answer;
 
+use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::response::Response;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -57,9 +62,24 @@ pub enum Front {
     Lean,
 }
 
+/// A request the lean front answers without the router: the poll, on
+/// every poll's path. Its answer must be the router's, byte for byte; what
+/// it saves is the router's dispatch, layers and extractors.
+pub trait DirectRoute: Send + Sync + 'static {
+    /// Whether this route answers `req` (else the router does).
+    fn takes(&self, req: &Request<Body>) -> bool;
+    /// The future of the answer to `req`, one this route takes.
+    fn answer(&self, req: Request<Body>, peer: SocketAddr) -> Answering;
+}
+
+/// The future of a request's answer.
+pub type Answering = Pin<Box<dyn Future<Output = Response> + Send>>;
+
 /// What every connection of one listener shares.
 struct Listener {
     router: Router,
+    /// Served by the lean front before the router, if set.
+    direct: Option<Arc<dyn DirectRoute>>,
     builder: hyper::server::conn::http1::Builder,
     limits: ConnLimits,
     shutdown: Shutdown,
@@ -88,10 +108,13 @@ impl Listener {
     }
 }
 
-/// Serve `router` on `listener` until `shutdown`, then drain.
+/// Serve `router` on `listener` until `shutdown`, then drain; on the lean
+/// front, with `direct` served before the router.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    direct: Option<Arc<dyn DirectRoute>>,
     limits: ConnLimits,
     front: Front,
     shutdown: Shutdown,
@@ -107,6 +130,7 @@ pub async fn serve(
     }
     let shared = Arc::new(Listener {
         router,
+        direct,
         builder,
         limits,
         shutdown: shutdown.clone(),

@@ -384,6 +384,60 @@ async fn a_held_poll_answered_where_its_mail_is_committed_gets_the_routed_answer
     }
 }
 
+/// `GET /pns/poll` then `HEAD /pns/poll` with `query` and `origin` on one
+/// connection: the poll the front answers itself, and the same poll
+/// answered by the router (which serves every HEAD).
+async fn direct_and_routed(s: &Server, origin: Option<&str>, query: &str) -> (Reply, Reply) {
+    let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+    let mut raw = Raw::connect(s).await;
+    raw.send(&format!(
+        "GET /pns/poll?{query} HTTP/1.1\r\nHost: pns\r\n{origin}\r\n"
+    ))
+    .await;
+    let direct = raw.reply().await;
+    raw.send(&format!(
+        "HEAD /pns/poll?{query} HTTP/1.1\r\nHost: pns\r\n{origin}\r\n"
+    ))
+    .await;
+    let routed = raw.reply_to(true, Duration::from_secs(10)).await;
+    (direct, routed)
+}
+
+#[tokio::test]
+async fn a_poll_answered_without_the_router_has_the_routers_head() {
+    let webmail = "https://mail.example.com";
+    let s = Server::start_with(&[("PNS_ALLOWED_ORIGINS", webmail)]);
+    let sid = s.sid("alice@example.com");
+    for origin in [Some(webmail), None, Some("https://elsewhere.example")] {
+        for (query, status) in [
+            (format!("sid={sid}&timeout=0"), 200),
+            ("sid=not-a-token&timeout=0".to_owned(), 401),
+            (format!("sid={sid}&cursor=zz&timeout=0"), 400),
+        ] {
+            let (direct, routed) = direct_and_routed(&s, origin, &query).await;
+            assert_eq!(direct.status, status, "{origin:?} {query}");
+            assert_eq!(
+                without_date(&direct),
+                without_date(&routed),
+                "{origin:?} {query}"
+            );
+        }
+    }
+    // A refusal for the session's rate, with its Retry-After.
+    let s = Server::start_with(&[
+        ("PNS_ALLOWED_ORIGINS", webmail),
+        ("PNS_SESSION_POLL_BURST", "1"),
+        ("PNS_SESSION_POLL_RATE", "0.01"),
+    ]);
+    let sid = s.sid("alice@example.com");
+    let query = format!("sid={sid}&timeout=0");
+    assert_eq!(s.poll(&sid, "timeout=0").await.status, 200);
+    let (direct, routed) = direct_and_routed(&s, Some(webmail), &query).await;
+    assert_eq!(direct.status, 429);
+    assert!(direct.header("retry-after").is_some());
+    assert_eq!(without_date(&direct), without_date(&routed));
+}
+
 #[tokio::test]
 async fn a_poll_without_a_cursor_is_answered_by_its_own_runtime() {
     let s = Server::start();
