@@ -21,13 +21,16 @@
 //! - [`cluster`]: applies what other nodes sharing the store did (wakes,
 //!   revocations, poll starts) to this node.
 //! - [`poll`]: answers a poll from the store and the hub.
-//! - [`session`]: validates sids (JWT) and keeps revocations.
+//! - [`session`]: validates sids (JWT; HS256 by its own lean check) and
+//!   keeps revocations.
 //! - [`opaque`]: webmail sids that are not JWTs, registered over the API.
 //!
 //! Around them:
 //!
 //! - [`app`]: the shared state and `pns serve`'s start and stop.
-//! - [`server`]: the accept loop with limits and graceful drain.
+//! - [`server`]: the accept loop with limits and graceful drain, and the
+//!   public listener's own HTTP/1 front, which hands polls straight to
+//!   `http::DirectPoll` and the rest to the router.
 //! - [`address`]: the client address, through trusted reverse proxies.
 //! - [`limits`]: per-session and per-address poll rate limits.
 //! - [`registry`]: who polls this node, for the session list and metrics.
