@@ -232,7 +232,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.spawn(crate::threads::on_ingest_thread(crate::server::serve(
         internal,
         crate::http::internal_router(app.clone()),
-        None,
+        Some(Arc::new(crate::http::DirectNotify::new(app.clone()))),
         crate::server::ConnLimits {
             max_connections: 4096,
             header_timeout: limits.header_timeout,

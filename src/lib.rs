@@ -28,9 +28,10 @@
 //! Around them:
 //!
 //! - [`app`]: the shared state and `pns serve`'s start and stop.
-//! - [`server`]: the accept loop with limits and graceful drain, and the
-//!   public listener's own HTTP/1 front, which hands polls straight to
-//!   `http::DirectPoll` and the rest to the router.
+//! - [`server`]: the accept loop with limits and graceful drain, the public
+//!   listener's own HTTP/1 front, and each listener's direct route, offered
+//!   every request before the router (`http::DirectPoll`,
+//!   `http::DirectNotify`).
 //! - [`address`]: the client address, through trusted reverse proxies.
 //! - [`limits`]: per-session and per-address poll rate limits.
 //! - [`registry`]: who polls this node, for the session list and metrics.

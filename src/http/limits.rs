@@ -133,42 +133,59 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let app = &self.checks.app;
-        if let Some(refused) = (self.checks.refuse)(app, request.headers()) {
+        if let Some(refused) = refusal_before_body(app, self.checks.refuse, request.headers()) {
             return Either::Left(std::future::ready(Ok(refused)));
-        }
-        let limits = &app.config.limits;
-        let (max, timeout) = (limits.max_body_bytes, limits.body_timeout);
-        if content_length(request.headers()).is_some_and(|n| n > max as u64) {
-            return Either::Left(std::future::ready(Ok(too_large(max))));
         }
         // The ready service goes into the future; a clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let app = app.clone();
         Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let read = http_body_util::Limited::new(body, max).collect();
-            let bytes = match tokio::time::timeout(timeout, read).await {
-                Err(_) => {
-                    return Ok(closing(ApiError::RequestTimeout(format!(
-                        "the request body did not arrive within {} s",
-                        timeout.as_secs()
-                    ))))
+            match read_body(&app, body).await {
+                Ok(bytes) => {
+                    inner
+                        .call(Request::from_parts(parts, Body::from(bytes)))
+                        .await
                 }
-                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                    return Ok(too_large(max))
-                }
-                Ok(Err(e)) => {
-                    return Ok(
-                        ApiError::BadRequest(format!("request body could not be read: {e}"))
-                            .into_response(),
-                    )
-                }
-                Ok(Ok(collected)) => collected.to_bytes(),
-            };
-            inner
-                .call(Request::from_parts(parts, Body::from(bytes)))
-                .await
+                Err(refused) => Ok(refused),
+            }
         }))
+    }
+}
+
+/// The internal checks that need only the head: `refuse` (the caller's
+/// credentials), then the announced length.
+pub fn refusal_before_body(
+    app: &App,
+    refuse: fn(&App, &HeaderMap) -> Option<Response>,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    if let Some(refused) = refuse(app, headers) {
+        return Some(refused);
+    }
+    let max = app.config.limits.max_body_bytes;
+    content_length(headers)
+        .is_some_and(|n| n > max as u64)
+        .then(|| too_large(max))
+}
+
+/// The whole body, read within the body timeout and size limit, or the
+/// answer that refuses it.
+pub async fn read_body(app: &App, body: Body) -> Result<axum::body::Bytes, Response> {
+    let limits = &app.config.limits;
+    let (max, timeout) = (limits.max_body_bytes, limits.body_timeout);
+    let read = http_body_util::Limited::new(body, max).collect();
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(closing(ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} s",
+            timeout.as_secs()
+        )))),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(max)),
+        Ok(Err(e)) => Err(
+            ApiError::BadRequest(format!("request body could not be read: {e}")).into_response(),
+        ),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
 

@@ -21,6 +21,7 @@ pub mod limits;
 pub mod notify;
 pub mod poll;
 
+pub use notify::DirectNotify;
 pub use poll::DirectPoll;
 
 use crate::app::App;
@@ -162,7 +163,7 @@ async fn poll_through<E: Clone + Send + Sync + 'static>(
 /// The router of the internal listener.
 pub fn internal_router(app: Arc<App>) -> Router {
     let api = Router::new()
-        .route("/internal/v1/notify", post(notify::notify))
+        .route(notify::PATH, post(notify::notify))
         .route("/internal/v1/sessions/revoke", post(admin::revoke))
         .route(
             "/internal/v1/sessions",
@@ -201,8 +202,11 @@ pub fn internal_router(app: Arc<App>) -> Router {
         .layer(no_store())
 }
 
+/// `Cache-Control` of every answer of both listeners.
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
 fn no_store() -> SetResponseHeaderLayer<HeaderValue> {
-    SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))
+    SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, NO_STORE)
 }
 
 async fn not_found() -> ApiError {

@@ -5,15 +5,22 @@ use super::body::read_json;
 use super::error::ApiError;
 use crate::app::App;
 use crate::ingest::Source;
+use crate::server::{Answering, DirectRoute};
 use crate::store::NewMessage;
 use crate::wire::{NotifyAccepted, NotifyBody, NotifyItem, MAX_BATCH};
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::value::RawValue;
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+/// The path of the notify endpoint.
+pub const PATH: &str = "/internal/v1/notify";
 
 /// Limits on the fields of a message.
 pub const MAX_USER_LEN: usize = 320;
@@ -37,6 +44,48 @@ pub async fn notify(
             ids: report.ids,
         }),
     ))
+}
+
+/// `POST /internal/v1/notify` answered without the internal router
+/// ([`DirectRoute`]): the same checks ([`super::limits`]), the same
+/// handler, and the `no-store` the router's layer adds; every notify
+/// passes here.
+pub struct DirectNotify {
+    app: Arc<App>,
+}
+
+impl DirectNotify {
+    pub fn new(app: Arc<App>) -> Self {
+        DirectNotify { app }
+    }
+}
+
+impl DirectRoute for DirectNotify {
+    fn takes(&self, req: &Request<Body>) -> bool {
+        req.method() == Method::POST && req.uri().path() == PATH
+    }
+
+    fn answer(&self, req: Request<Body>, _peer: SocketAddr) -> Answering {
+        let app = self.app.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let refused =
+                super::limits::refusal_before_body(&app, super::refuse_internal, &parts.headers);
+            let mut response = match refused {
+                Some(refused) => refused,
+                None => match super::limits::read_body(&app, body).await {
+                    Ok(bytes) => notify(State(app), parts.headers, Ok(bytes))
+                        .await
+                        .into_response(),
+                    Err(refused) => refused,
+                },
+            };
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, super::NO_STORE);
+            response
+        })
+    }
 }
 
 /// Turn either shape into validated messages; any bad item refuses the whole.

@@ -19,6 +19,7 @@ use axum::extract::ConnectInfo;
 use axum::http::Request;
 use axum::response::Response;
 use axum::Router;
+use futures_util::future::{Either, FutureExt};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
@@ -62,9 +63,10 @@ pub enum Front {
     Lean,
 }
 
-/// A request the lean front answers without the router: the poll, on
-/// every poll's path. Its answer must be the router's, byte for byte; what
-/// it saves is the router's dispatch, layers and extractors.
+/// A request a listener answers without its router: the poll on the public
+/// listener, the notify on the internal one, each on every message's path.
+/// Its answer must be the router's, byte for byte; what it saves is the
+/// router's dispatch, layers and extractors.
 pub trait DirectRoute: Send + Sync + 'static {
     /// Whether this route answers `req` (else the router does).
     fn takes(&self, req: &Request<Body>) -> bool;
@@ -78,7 +80,7 @@ pub type Answering = Pin<Box<dyn Future<Output = Response> + Send>>;
 /// What every connection of one listener shares.
 struct Listener {
     router: Router,
-    /// Served by the lean front before the router, if set.
+    /// Served before the router, if set.
     direct: Option<Arc<dyn DirectRoute>>,
     builder: hyper::server::conn::http1::Builder,
     limits: ConnLimits,
@@ -93,9 +95,14 @@ impl Listener {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let router = self.router.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let direct = self.direct.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let mut req = req.map(Body::new);
+            if let Some(direct) = direct.as_ref().filter(|d| d.takes(&req)) {
+                return Either::Left(direct.answer(req, peer).map(Ok));
+            }
             req.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(req)
+            Either::Right(router.clone().oneshot(req))
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
@@ -108,8 +115,8 @@ impl Listener {
     }
 }
 
-/// Serve `router` on `listener` until `shutdown`, then drain; on the lean
-/// front, with `direct` served before the router.
+/// Serve `router` on `listener` until `shutdown`, then drain, with `direct`
+/// served before the router.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
