@@ -107,29 +107,31 @@ impl Check {
     }
 
     fn claims(&self, token: &str) -> Result<Claims, SessionError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let (key, validation) = match self {
-            Check::Hs256(hs256) => return hs256.decode(token, crate::clock::now_ms() / 1000),
-            Check::Generic { key, validation } => (key, validation),
-        };
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => SessionError::Expired,
-                ErrorKind::InvalidAudience => SessionError::WrongAudience,
-                ErrorKind::MissingRequiredClaim(c) if c == "sub" => {
-                    SessionError::MissingClaim("sub")
-                }
-                ErrorKind::MissingRequiredClaim(c) if c == "aud" => {
-                    SessionError::MissingClaim("aud")
-                }
-                ErrorKind::MissingRequiredClaim(_) => SessionError::MissingClaim("exp"),
-                ErrorKind::InvalidSignature
-                | ErrorKind::InvalidAlgorithm
-                | ErrorKind::InvalidAlgorithmName
-                | ErrorKind::InvalidKeyFormat => SessionError::BadSignature,
-                _ => SessionError::Malformed,
-            })?;
-        Ok(data.claims)
+        match self {
+            Check::Hs256(hs256) => hs256.decode(token, crate::clock::now_ms() / 1000),
+            Check::Generic { key, validation } => {
+                jsonwebtoken::decode::<Claims>(token, key, validation)
+                    .map(|data| data.claims)
+                    .map_err(|e| refusal_of(e.kind()))
+            }
+        }
+    }
+}
+
+/// What a jsonwebtoken error means for the client.
+fn refusal_of(kind: &jsonwebtoken::errors::ErrorKind) -> SessionError {
+    use jsonwebtoken::errors::ErrorKind;
+    match kind {
+        ErrorKind::ExpiredSignature => SessionError::Expired,
+        ErrorKind::InvalidAudience => SessionError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(c) if c == "sub" => SessionError::MissingClaim("sub"),
+        ErrorKind::MissingRequiredClaim(c) if c == "aud" => SessionError::MissingClaim("aud"),
+        ErrorKind::MissingRequiredClaim(_) => SessionError::MissingClaim("exp"),
+        ErrorKind::InvalidSignature
+        | ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::InvalidKeyFormat => SessionError::BadSignature,
+        _ => SessionError::Malformed,
     }
 }
 

@@ -97,13 +97,7 @@ pub fn poll(
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
     let slot = slot.map(|Extension(slot)| slot);
     let admitting = Box::pin(admit(app.clone(), query, headers, peer, slot));
-    async move {
-        let result = hold(&app, admitting).await;
-        if result.is_err() {
-            app.metrics.answered(Outcome::error);
-        }
-        result.map(Json)
-    }
+    async move { hold(&app, admitting).await.map(Json) }
 }
 
 /// The poll, answered without the public router ([`DirectRoute`]): the
@@ -172,7 +166,6 @@ impl DirectRoute for DirectPoll {
                     response
                 }
                 Err(e) => {
-                    app.metrics.answered(Outcome::error);
                     let answer = Dressing(Arc::new(Mutex::new(Some(e.into_response()))));
                     super::poll_through(dress, origin, answer).await
                 }
@@ -181,22 +174,30 @@ impl DirectRoute for DirectPoll {
     }
 }
 
-/// Once the checks pass, answer the poll (holding it until there is news).
+/// Once the checks pass, answer the poll (holding it until there is news);
+/// an error answer is counted here, whoever sends it.
 async fn hold(
     app: &Arc<App>,
     admitting: impl Future<Output = Result<PollRequest, ApiError>>,
 ) -> Result<crate::wire::PollAnswer, ApiError> {
-    // In a block: what only the checks need takes no room while held.
-    let (key, answering) = {
-        let request = admitting.await?;
-        let key = request.session.key.clone();
-        (key, crate::poll::answer(app, request))
-    };
-    let answer = answering.await?;
-    if answer.c > 0 {
-        app.registry.delivered(&key, answer.c as u64);
+    let answered = async {
+        // In a block: what only the checks need takes no room while held.
+        let (key, answering) = {
+            let request = admitting.await?;
+            let key = request.session.key.clone();
+            (key, crate::poll::answer(app, request))
+        };
+        let answer = answering.await?;
+        if answer.c > 0 {
+            app.registry.delivered(&key, answer.c as u64);
+        }
+        Ok(answer)
     }
-    Ok(answer)
+    .await;
+    if answered.is_err() {
+        app.metrics.answered(Outcome::error);
+    }
+    answered
 }
 
 /// The checks of a poll, up to the request for [`crate::poll::answer`].

@@ -117,7 +117,6 @@ impl Listener {
 
 /// Serve `router` on `listener` until `shutdown`, then drain, with `direct`
 /// served before the router.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     router: Router,

@@ -1366,9 +1366,6 @@ async fn release_due(
     Ok((users, fresh))
 }
 
-/// Delete what retention no longer keeps. The newest messages may go too,
-/// so the seq floor is raised to `highest_given` first: no seq is given
-/// twice, even across a restart.
 /// The messages in the file, visible and delayed, counted by a scan.
 async fn count_stored(conn: &mut SqliteConnection) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
@@ -1378,6 +1375,9 @@ async fn count_stored(conn: &mut SqliteConnection) -> StoreResult<i64> {
     .await?)
 }
 
+/// Delete what retention no longer keeps. The newest messages may go too,
+/// so the seq floor is raised to `highest_given` first: no seq is given
+/// twice, even across a restart.
 async fn purge(
     conn: &mut SqliteConnection,
     policy: RetentionPolicy,
