@@ -25,6 +25,8 @@ use axum::Json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// The path the driver's `url` names.
+pub const PATH: &str = "/preliminary/http-notify/v1/notify";
 /// The event the driver sends for a delivered message.
 pub const EVENT_MESSAGE_NEW: &str = "messageNew";
 /// Longest dedup key the store is given; longer ones are hashed.

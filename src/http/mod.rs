@@ -181,10 +181,7 @@ pub fn internal_router(app: Arc<App>) -> Router {
             refuse: refuse_internal,
         });
     let dovecot = Router::new()
-        .route(
-            "/preliminary/http-notify/v1/notify",
-            put(dovecot::notify).post(dovecot::notify),
-        )
+        .route(dovecot::PATH, put(dovecot::notify).post(dovecot::notify))
         .route_layer(limits::InternalChecks {
             app: app.clone(),
             refuse: dovecot::refuse,

@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
@@ -46,10 +46,11 @@ pub async fn notify(
     ))
 }
 
-/// `POST /internal/v1/notify` answered without the internal router
-/// ([`DirectRoute`]): the same checks ([`super::limits`]), the same
-/// handler, and the `no-store` the router's layer adds; every notify
-/// passes here.
+/// The notify endpoints answered without the internal router
+/// ([`DirectRoute`]): `POST /internal/v1/notify` and Dovecot's `PUT` or
+/// `POST` ([`super::dovecot`]), each with the same checks as the router's
+/// layer ([`super::limits`]), the same handler, and the `no-store` the
+/// router's layer adds. Every message a delivery agent sends passes here.
 pub struct DirectNotify {
     app: Arc<App>,
 }
@@ -60,25 +61,59 @@ impl DirectNotify {
     }
 }
 
+/// The endpoint a request [`DirectNotify`] takes is for.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Api,
+    Dovecot,
+}
+
+impl Endpoint {
+    fn of(req: &Request<Body>) -> Option<Endpoint> {
+        let path = req.uri().path();
+        match *req.method() {
+            Method::POST if path == PATH => Some(Endpoint::Api),
+            Method::POST | Method::PUT if path == super::dovecot::PATH => Some(Endpoint::Dovecot),
+            _ => None,
+        }
+    }
+
+    /// The answer to `req`, a request for this endpoint, but the
+    /// `no-store`: what the router's checks layer and handler give.
+    async fn answer(self, app: Arc<App>, req: Request<Body>) -> Response {
+        let (parts, body) = req.into_parts();
+        let refuse: fn(&App, &HeaderMap) -> Option<Response> = match self {
+            Endpoint::Api => super::refuse_internal,
+            Endpoint::Dovecot => super::dovecot::refuse,
+        };
+        if let Some(refused) = super::limits::refusal_before_body(&app, refuse, &parts.headers) {
+            return refused;
+        }
+        let bytes = match super::limits::read_body(&app, body).await {
+            Ok(bytes) => bytes,
+            Err(refused) => return refused,
+        };
+        match self {
+            Endpoint::Api => notify(State(app), parts.headers, Ok(bytes))
+                .await
+                .into_response(),
+            Endpoint::Dovecot => super::dovecot::notify(State(app), parts.headers, Ok(bytes)).await,
+        }
+    }
+}
+
 impl DirectRoute for DirectNotify {
     fn takes(&self, req: &Request<Body>) -> bool {
-        req.method() == Method::POST && req.uri().path() == PATH
+        Endpoint::of(req).is_some()
     }
 
     fn answer(&self, req: Request<Body>, _peer: SocketAddr) -> Answering {
         let app = self.app.clone();
         Box::pin(async move {
-            let (parts, body) = req.into_parts();
-            let refused =
-                super::limits::refusal_before_body(&app, super::refuse_internal, &parts.headers);
-            let mut response = match refused {
-                Some(refused) => refused,
-                None => match super::limits::read_body(&app, body).await {
-                    Ok(bytes) => notify(State(app), parts.headers, Ok(bytes))
-                        .await
-                        .into_response(),
-                    Err(refused) => refused,
-                },
+            let mut response = match Endpoint::of(&req) {
+                Some(endpoint) => endpoint.answer(app, req).await,
+                // None that `takes` lets through.
+                None => ApiError::NotFound.into_response(),
             };
             response
                 .headers_mut()

@@ -545,3 +545,83 @@ async fn the_maildir_watcher_sees_what_a_real_dovecot_delivers() {
     let a = s.poll(&sid, &format!("cursor={cursor}&timeout=1")).await;
     assert_eq!(a.c(), 0, "{}", a.body);
 }
+
+/// The heads below are what the internal router answered when it served
+/// Dovecot's endpoint itself, before the front took it over
+/// (`server::DirectRoute`).
+#[tokio::test]
+async fn dovecot_answers_have_the_heads_of_the_internal_router() {
+    let s = Server::start_with(&[
+        ("PNS_DOVECOT_USER", USER),
+        ("PNS_DOVECOT_PASSWORD", PASSWORD),
+        ("PNS_MAX_BODY_BYTES", "4096"),
+    ]);
+    let good = basic(USER, PASSWORD);
+    let wrong = basic(USER, "wrong-password-wrong");
+    let send = |method: &str, auth: Option<&str>, content_type: &str, body: &str| {
+        let auth = auth.map_or(String::new(), |a| format!("Authorization: Basic {a}\r\n"));
+        format!(
+            "{method} {PATH} HTTP/1.1\r\nHost: pns\r\n{auth}Content-Length: {}\r\n\
+             Connection: Keep-Alive\r\nContent-Type: {content_type}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let json = "application/json; charset=utf-8";
+    let read = r#"{"user":"alice@example.com","event":"messageRead","folder":"INBOX"}"#;
+    let no_user = r#"{"event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#;
+    let json_answer = |status: &str, extra: &[&str], length: u32| {
+        let mut head = vec![
+            format!("HTTP/1.1 {status}"),
+            "content-type: application/json".to_owned(),
+        ];
+        head.extend(extra.iter().map(|h| (*h).to_owned()));
+        head.push("cache-control: no-store".into());
+        head.push(format!("content-length: {length}"));
+        head
+    };
+    let basic_realm = r#"www-authenticate: Basic realm="pns", charset="UTF-8""#;
+    for (request, expected) in [
+        (
+            send("PUT", Some(&good), json, CHINESE),
+            json_answer("202 Accepted", &[], 62),
+        ),
+        // The same message again: a duplicate.
+        (
+            send("POST", Some(&good), json, CHINESE),
+            json_answer("202 Accepted", &[], 62),
+        ),
+        (
+            send("PUT", Some(&good), json, read),
+            vec![
+                "HTTP/1.1 204 No Content".to_owned(),
+                "cache-control: no-store".to_owned(),
+            ],
+        ),
+        (
+            send("PUT", None, json, CHINESE),
+            json_answer("401 Unauthorized", &[basic_realm], 132),
+        ),
+        (
+            send("PUT", Some(&wrong), json, CHINESE),
+            json_answer("401 Unauthorized", &[basic_realm], 102),
+        ),
+        (
+            send("PUT", Some(&good), json, "{"),
+            json_answer("400 Bad Request", &[], 131),
+        ),
+        (
+            send("PUT", Some(&good), json, no_user),
+            json_answer("422 Unprocessable Entity", &[], 68),
+        ),
+        (
+            send("PUT", Some(&good), "text/plain", CHINESE),
+            json_answer("415 Unsupported Media Type", &[], 117),
+        ),
+        (
+            send("PUT", Some(&good), json, &"x".repeat(5000)),
+            json_answer("413 Payload Too Large", &["connection: close"], 97),
+        ),
+    ] {
+        assert_eq!(raw_head(s.internal, &request).await, expected);
+    }
+}

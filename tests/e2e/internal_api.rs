@@ -179,30 +179,6 @@ async fn first_metrics_move_with_traffic() {
     assert_eq!(value("pns_poll_answers_total{outcome=\"error\"}"), 1.0);
 }
 
-/// One request on a fresh connection to the internal listener: the
-/// answer's status line and headers but the date, in the order sent.
-async fn raw_head(s: &Server, request: &str) -> Vec<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(s.internal).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .expect("no answer in time")
-            .unwrap();
-        assert!(n > 0, "closed before an answer");
-        got.extend_from_slice(&chunk[..n]);
-    }
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let head = text.split("\r\n\r\n").next().unwrap();
-    head.split("\r\n")
-        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// The heads below are what the internal router answered when it served
 /// notifies itself, before the front took them over (server::DirectRoute).
 #[tokio::test]
@@ -239,7 +215,7 @@ async fn notify_answers_have_the_heads_of_the_internal_router() {
             expected.push("connection: close".into());
         }
         expected.push(json[1].to_owned());
-        let mut head = raw_head(&s, &request).await;
+        let mut head = raw_head(s.internal, &request).await;
         let length = head.pop().unwrap_or_default();
         assert!(length.starts_with("content-length: "), "{status}: {length}");
         assert_eq!(head, expected);

@@ -320,6 +320,30 @@ impl Drop for Server {
     }
 }
 
+/// One request on a fresh connection to `addr`: the answer's status line
+/// and headers but the date, in the order sent.
+pub async fn raw_head(addr: SocketAddr, request: &str) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("no answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before an answer");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let head = text.split("\r\n\r\n").next().unwrap();
+    head.split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn mail(user: &str, subject: &str) -> Value {
     json!({"user": user, "type": 70, "data": {"folder": "INBOX", "subject": subject}})
 }
