@@ -8,6 +8,10 @@
 //! UIDVALIDITY and UID, so the driver's retries store once. Other events are
 //! answered 204 and dropped. The answer goes out once the message is
 //! durable, which is what Dovecot waits for.
+//!
+//! The internal listener answers these requests without its router
+//! ([`super::DirectNotify`], with the same checks); the route stays in the
+//! router, which answers other methods.
 
 use super::body::read_json;
 use super::error::ApiError;

@@ -64,7 +64,8 @@ pub enum Front {
 }
 
 /// A request a listener answers without its router: the poll on the public
-/// listener, the notify on the internal one, each on every message's path.
+/// listener, the notifies (the API's and Dovecot's) on the internal one, each
+/// on every message's path.
 /// Its answer must be the router's, byte for byte; what it saves is the
 /// router's dispatch, layers and extractors.
 pub trait DirectRoute: Send + Sync + 'static {
