@@ -15,6 +15,7 @@
 //!   application never asks which store it runs on.
 
 mod metered;
+mod page_cache;
 mod positions;
 mod postgres;
 mod recent;

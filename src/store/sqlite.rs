@@ -15,6 +15,9 @@
 //! mode lets run beside the writer, and a checkpointer copies the log into
 //! the database file beside it. After each commit the writer hands the new
 //! rows to [`Recent`], which answers most polls' reads from memory.
+//! The connections run on SQLite's page cache wrapped by
+//! [`super::page_cache`], which spares a commit after a B-tree split a walk
+//! of the whole cache.
 //!
 //! Session positions are written behind: a position saved waits in
 //! [`Positions`], which answers for it at once. It is written only once a
@@ -223,6 +226,10 @@ pub fn sqlite_path(url: &str) -> PathBuf {
 
 impl SqliteStore {
     pub async fn open(url: &str) -> StoreResult<Self> {
+        // Before the first connection: SQLite takes a page cache only then.
+        if !super::page_cache::install() {
+            tracing::debug!("SQLite had started: its page cache stays");
+        }
         let path = sqlite_path(url);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -337,7 +344,7 @@ impl SqliteStore {
     }
 
     /// [`MessageStore::fetch`] from the database file, whatever is in memory.
-    async fn fetch_from_file(
+    pub(super) async fn fetch_from_file(
         &self,
         user: &str,
         after_seq: i64,
@@ -1899,6 +1906,8 @@ mod tests {
     /// row is gone.
     #[tokio::test]
     async fn a_file_from_before_seq_floor_keeps_its_rows_and_sequence() {
+        // As the store would: SQLite must not start beside the install.
+        crate::store::page_cache::install();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("pns.db").display());
         {
