@@ -112,7 +112,7 @@ impl DirectRoute for DirectNotify {
         Box::pin(async move {
             let mut response = match Endpoint::of(&req) {
                 Some(endpoint) => endpoint.answer(app, req).await,
-                // None that `takes` lets through.
+                // Never: `takes` lets only the two endpoints through.
                 None => ApiError::NotFound.into_response(),
             };
             response

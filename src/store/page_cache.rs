@@ -21,14 +21,14 @@ use std::os::raw::{c_int, c_uint};
 use std::sync::OnceLock;
 
 /// SQLite's default page cache, which every call ends in.
-struct Default(ffi::sqlite3_pcache_methods2);
+struct SqliteCache(ffi::sqlite3_pcache_methods2);
 
 // SAFETY: the methods are plain functions; `pArg` is SQLite's own and only
 // passed back to them.
-unsafe impl Send for Default {}
-unsafe impl Sync for Default {}
+unsafe impl Send for SqliteCache {}
+unsafe impl Sync for SqliteCache {}
 
-static DEFAULT: OnceLock<Default> = OnceLock::new();
+static DEFAULT: OnceLock<SqliteCache> = OnceLock::new();
 
 /// Make this the page cache of every SQLite connection of the process.
 /// Call it before the process opens any: SQLite takes a page cache only
@@ -46,7 +46,7 @@ pub fn install() -> bool {
             return false;
         }
         // SAFETY: filled by SQLite above.
-        let default = DEFAULT.get_or_init(|| Default(unsafe { default.assume_init() }));
+        let default = DEFAULT.get_or_init(|| SqliteCache(unsafe { default.assume_init() }));
         let methods = ffi::sqlite3_pcache_methods2 {
             iVersion: 1,
             pArg: default.0.pArg,
@@ -78,11 +78,12 @@ struct Cache {
 
 impl Cache {
     /// Whether a trim to `limit` (dropping every page numbered `limit` or
-    /// more) could drop a page; it learns that none is left after one.
+    /// more) could drop a page.
     fn trim_reaches(&self, limit: c_uint) -> bool {
         limit <= self.highest || self.moved_up.iter().any(|&k| k >= limit)
     }
 
+    /// After a trim to `limit`: no page numbered `limit` or more is left.
     fn trimmed(&mut self, limit: c_uint) {
         let below = self.moved_up.iter().copied().filter(|&k| k < limit).max();
         self.highest = self
