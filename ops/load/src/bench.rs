@@ -558,10 +558,11 @@ async fn send_singles(
                     Some(r) => {
                         let offset = Duration::from_nanos(i as u64 * 1_000_000_000 / u64::from(r));
                         let due = start + offset;
+                        let held_back = tokio::time::Instant::now() >= due;
                         tokio::time::sleep_until(due).await;
                         let late = micros(due.elapsed());
                         sent.late_max_us = sent.late_max_us.max(late);
-                        start_ns + offset.as_nanos() as u64
+                        stamp(held_back, start_ns + offset.as_nanos() as u64)
                     }
                     None => crate::mono_ns(),
                 };
@@ -581,6 +582,23 @@ async fn send_singles(
         }
     }
     (conns, sent)
+}
+
+/// What a notify of the rate phase is stamped with, its delivery's start:
+/// when it was due, if the lane was still waiting for the last notify's
+/// acknowledgement then (the server held it back, and the delay is the
+/// server's); else when it leaves. The wait for the due time ends on the
+/// timer's next millisecond tick, and with every notify due at whole
+/// milliseconds from the phase's start, all of a phase's waits overran by
+/// about the same fraction of a millisecond, which differed from phase to
+/// phase: counted from the due time, that put up to a millisecond of the
+/// tool's own into every delivery, and a different one into each round.
+fn stamp(held_back: bool, due_ns: u64) -> u64 {
+    if held_back {
+        due_ns
+    } else {
+        crate::mono_ns()
+    }
 }
 
 /// Send `plan` in batches of `args.batch`, `args.batch_concurrency` at once
@@ -771,6 +789,17 @@ impl WorkerProc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A notify the server held back counts from when it was due; one that
+    /// left on time, from when it left.
+    #[test]
+    fn a_notify_is_stamped_with_its_due_time_only_when_held_back() {
+        let due = crate::mono_ns() - 5_000_000;
+        assert_eq!(stamp(true, due), due);
+        let before = crate::mono_ns();
+        let t = stamp(false, due);
+        assert!(t >= before && t <= crate::mono_ns(), "{t} not when it left");
+    }
 
     /// Each acknowledged request adds its acknowledgement time, a refused
     /// one none; lanes merged keep the latest send of all.

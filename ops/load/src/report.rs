@@ -25,7 +25,8 @@ pub struct Phase {
     /// every poll was held again), per message, in µs.
     pub server_cpu_us_per_msg: f64,
     pub delivery: Delivery,
-    /// Notify due → message in the poller's hands.
+    /// Notify sent (or due, when the server held it back) → message in
+    /// the poller's hands.
     pub latency: Latency,
     /// Request sent → its acknowledgement (a batch's, in batches).
     pub ack_latency: Latency,
