@@ -178,13 +178,13 @@ pub fn internal_router(app: Arc<App>) -> Router {
         .route("/internal/v1/stats", get(admin::stats))
         .route_layer(limits::InternalChecks {
             app: app.clone(),
-            refuse: refuse_internal,
+            refuse: notify::Endpoint::Api.refuse(),
         });
     let dovecot = Router::new()
         .route(dovecot::PATH, put(dovecot::notify).post(dovecot::notify))
         .route_layer(limits::InternalChecks {
             app: app.clone(),
-            refuse: dovecot::refuse,
+            refuse: notify::Endpoint::Dovecot.refuse(),
         });
     let max_body = app.config.limits.max_body_bytes;
     Router::new()

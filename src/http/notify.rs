@@ -63,12 +63,21 @@ impl DirectNotify {
 
 /// The endpoint a request [`DirectNotify`] takes is for.
 #[derive(Clone, Copy)]
-enum Endpoint {
+pub(super) enum Endpoint {
     Api,
     Dovecot,
 }
 
 impl Endpoint {
+    /// Who may call this endpoint: the answer to send instead, when the
+    /// caller may not. The router's checks layer uses the same.
+    pub(super) fn refuse(self) -> fn(&App, &HeaderMap) -> Option<Response> {
+        match self {
+            Endpoint::Api => super::refuse_internal,
+            Endpoint::Dovecot => super::dovecot::refuse,
+        }
+    }
+
     fn of(req: &Request<Body>) -> Option<Endpoint> {
         let path = req.uri().path();
         match *req.method() {
@@ -82,11 +91,9 @@ impl Endpoint {
     /// `no-store`: what the router's checks layer and handler give.
     async fn answer(self, app: Arc<App>, req: Request<Body>) -> Response {
         let (parts, body) = req.into_parts();
-        let refuse: fn(&App, &HeaderMap) -> Option<Response> = match self {
-            Endpoint::Api => super::refuse_internal,
-            Endpoint::Dovecot => super::dovecot::refuse,
-        };
-        if let Some(refused) = super::limits::refusal_before_body(&app, refuse, &parts.headers) {
+        if let Some(refused) =
+            super::limits::refusal_before_body(&app, self.refuse(), &parts.headers)
+        {
             return refused;
         }
         let bytes = match super::limits::read_body(&app, body).await {
