@@ -65,6 +65,14 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Copy a running node's SQLite store into a file, without stopping it.
+    Backup {
+        /// Where the copy goes (replaced if it exists).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Create or update the store's tables, then exit.
     Migrate {
         #[command(flatten)]
@@ -104,16 +112,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "type": crate::wire::TYPE_NEW_MAIL,
                 "data": {"folder": "INBOX", "from": from, "subject": subject, "snippet": snippet, "unseen": 1},
             });
-            let token = config
-                .internal_tokens
-                .first()
-                .map(String::as_str)
-                .unwrap_or_default();
             let (status, text) = request(
-                config.internal_listen,
+                &config,
                 hyper::Method::POST,
                 "/internal/v1/notify",
-                token,
                 Some(&body.to_string()),
             )
             .await?;
@@ -130,6 +132,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let config = Config::resolve(settings, file)?;
             stats(&config, watch, json).await
+        }
+        Command::Backup { out, settings } => {
+            let config = Config::resolve(settings, file)?;
+            backup(&config, &out).await
         }
         Command::Migrate { settings } => {
             let config = Config::resolve(settings, file)?;
@@ -148,14 +154,9 @@ const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `pns stats`: fetch `/internal/v1/stats` and print it.
 async fn stats(config: &Config, watch: bool, json: bool) -> anyhow::Result<()> {
-    let token = config
-        .internal_tokens
-        .first()
-        .map(String::as_str)
-        .unwrap_or_default();
     let addr = config.internal_listen;
     loop {
-        let fetched = request(addr, hyper::Method::GET, "/internal/v1/stats", token, None).await;
+        let fetched = request(config, hyper::Method::GET, "/internal/v1/stats", None).await;
         let (status, text) = match fetched {
             Ok(answer) => answer,
             // A node restarting under --watch comes back; keep watching.
@@ -174,7 +175,7 @@ async fn stats(config: &Config, watch: bool, json: bool) -> anyhow::Result<()> {
             Err(e) => return Err(e),
         };
         if status == 401 {
-            bail!("the node at {addr} refused the internal token: set PNS_INTERNAL_TOKEN (or --config) as for the node");
+            return Err(token_refused(addr));
         }
         if status != 200 {
             bail!("the node answered {status}: {text}");
@@ -285,15 +286,35 @@ fn human_duration(secs: u64) -> String {
     }
 }
 
-/// One request to the internal listener; the CLI's only HTTP need.
+/// One request to the internal listener, its answer read whole.
 async fn request(
-    addr: std::net::SocketAddr,
+    config: &Config,
     method: hyper::Method,
     path: &str,
-    token: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::BodyExt;
+    let response = send(config, method, path, body).await?;
+    let status = response.status().as_u16();
+    let text = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+}
+
+/// A request to a running node's internal listener with the configured
+/// token (the CLI's only HTTP need); the answer's body is the caller's to read.
+async fn send(
+    config: &Config,
+    method: hyper::Method,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    use http_body_util::Full;
+    let addr = config.internal_listen;
+    let token = config
+        .internal_tokens
+        .first()
+        .map(String::as_str)
+        .unwrap_or_default();
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| {
@@ -313,8 +334,57 @@ async fn request(
     let request = builder.body(Full::new(bytes::Bytes::from(
         body.unwrap_or_default().to_owned(),
     )))?;
-    let response = sender.send_request(request).await?;
+    Ok(sender.send_request(request).await?)
+}
+
+/// What to tell an operator whose token the node refused.
+fn token_refused(addr: std::net::SocketAddr) -> anyhow::Error {
+    anyhow::anyhow!("the node at {addr} refused the internal token: set PNS_INTERNAL_TOKEN (or --config) as for the node")
+}
+
+/// `pns backup`: stream `/internal/v1/backup` into `out`, through a file
+/// beside it that replaces `out` only once the whole copy is on disk.
+async fn backup(config: &Config, out: &std::path::Path) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let response = send(config, hyper::Method::GET, "/internal/v1/backup", None).await?;
     let status = response.status().as_u16();
-    let text = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+    let mut body = response.into_body();
+    if status != 200 {
+        let text = body.collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&text);
+        if status == 401 {
+            return Err(token_refused(config.internal_listen));
+        }
+        bail!("the node answered {status}: {text}");
+    }
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let written = async {
+        let mut file = std::fs::File::create(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                file.write_all(&data)?;
+                bytes += data.len() as u64;
+            }
+        }
+        file.sync_all()?;
+        std::fs::rename(&partial, out)
+            .with_context(|| format!("cannot replace {}", out.display()))?;
+        anyhow::Ok(bytes)
+    }
+    .await;
+    match written {
+        Ok(bytes) => {
+            println!("backup of {bytes} bytes written to {}", out.display());
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e.context(format!("the backup to {} failed", out.display())))
+        }
+    }
 }

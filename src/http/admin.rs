@@ -1,6 +1,7 @@
 //! Session admin and the stats summary on the internal listener:
 //! revocation, the list of a user's active sessions, opaque session
-//! registration and deletion, and `GET /internal/v1/stats`.
+//! registration and deletion, `GET /internal/v1/stats`, and
+//! `GET /internal/v1/backup`.
 
 use super::body::read_json;
 use super::error::ApiError;
@@ -185,4 +186,31 @@ pub async fn stats(State(app): State<Arc<App>>) -> Result<Json<Stats>, ApiError>
         },
         come_from: m.come_from_counts().into_iter().collect(),
     }))
+}
+
+/// `GET /internal/v1/backup`: the store as one SQLite file, a copy of one
+/// moment, streamed (`pns backup`). A PostgreSQL store has its own tools.
+pub async fn backup(State(app): State<Arc<App>>) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let Some(file) = app.store.backup().await? else {
+        return Err(ApiError::NotImplemented(
+            "this node's store is PostgreSQL: back it up with PostgreSQL's own tools (pg_dump)",
+        ));
+    };
+    let length = file
+        .metadata()
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("the backup's size")))?
+        .len();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(
+        tokio::fs::File::from_std(file),
+    ));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/vnd.sqlite3".to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }

@@ -41,6 +41,9 @@ pub enum ApiError {
     /// 422 `INVALID_FIELD`: well-formed JSON with a field that is wrong.
     #[error("{0}")]
     InvalidField(String),
+    /// 501 `NOT_IMPLEMENTED`: what this node's configuration does not offer.
+    #[error("{0}")]
+    NotImplemented(&'static str),
     /// 429 `RATE_LIMITED`, with `Retry-After`.
     #[error("too many requests")]
     RateLimited { retry_after_secs: u64 },
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidField(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -93,6 +97,7 @@ impl ApiError {
             ApiError::UriTooLong(_) => "URI_TOO_LONG",
             ApiError::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::InvalidField(_) => "INVALID_FIELD",
+            ApiError::NotImplemented(_) => "NOT_IMPLEMENTED",
             ApiError::RateLimited { .. } => "RATE_LIMITED",
             ApiError::Unavailable { .. } => "UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL",

@@ -176,6 +176,7 @@ pub fn internal_router(app: Arc<App>) -> Router {
             delete(admin::delete_session_by_id),
         )
         .route("/internal/v1/stats", get(admin::stats))
+        .route("/internal/v1/backup", get(admin::backup))
         .route_layer(limits::InternalChecks {
             app: app.clone(),
             refuse: notify::Endpoint::Api.refuse(),

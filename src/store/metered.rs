@@ -120,6 +120,10 @@ impl MessageStore for Metered {
         self.count(self.inner.message_count().await)
     }
 
+    async fn backup(&self) -> StoreResult<Option<std::fs::File>> {
+        self.count(self.inner.backup().await)
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         self.count(self.inner.ping().await)
     }

@@ -21,6 +21,7 @@ mod postgres;
 mod recent;
 mod sqlite;
 mod sqlite_direct;
+mod sqlite_lock;
 mod wal_sync;
 
 pub use metered::Metered;
@@ -172,6 +173,11 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store writer stopped")]
     WriterGone,
+    #[error(
+        "the database {} is in use by another process (pid {pid}): one node per SQLite file, so stop that one first",
+        path.display()
+    )]
+    InUse { path: std::path::PathBuf, pid: i32 },
 }
 
 impl StoreError {
@@ -187,7 +193,7 @@ impl StoreError {
                 sqlx::Error::Database(d) => d.code().is_some_and(|c| unavailable_sqlstate(&c)),
                 _ => false,
             },
-            StoreError::Migrate(_) => false,
+            StoreError::Migrate(_) | StoreError::InUse { .. } => false,
         }
     }
 }
@@ -267,6 +273,13 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Count of visible and delayed messages held (for stats).
     async fn message_count(&self) -> StoreResult<i64>;
+
+    /// A consistent copy of the store as one file, already unlinked, for
+    /// `GET /internal/v1/backup`. `None` from a store that is backed up
+    /// with its own tools (PostgreSQL's).
+    async fn backup(&self) -> StoreResult<Option<std::fs::File>> {
+        Ok(None)
+    }
 
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> StoreResult<()>;

@@ -17,7 +17,9 @@
 //! rows to [`Recent`], which answers most polls' reads from memory.
 //! The connections run on SQLite's page cache wrapped by
 //! [`super::page_cache`], which spares a commit after a B-tree split a walk
-//! of the whole cache.
+//! of the whole cache, and open the file through the VFS of
+//! [`super::sqlite_lock`]: the node has the file to itself, and its commits
+//! take no locks in the kernel.
 //!
 //! Session positions are written behind: a position saved waits in
 //! [`Positions`], which answers for it at once. It is written only once a
@@ -103,6 +105,10 @@ impl Seqs {
 }
 
 pub struct SqliteStore {
+    /// The database file.
+    path: PathBuf,
+    /// A connection that may write, as the writer's (a backup's own).
+    options: SqliteConnectOptions,
     reads: SqlitePool,
     writes: mpsc::Sender<Queued>,
     memory: Arc<InMemory>,
@@ -235,6 +241,11 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         }
+        if let Some(pid) = super::sqlite_lock::holder(&path)
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?
+        {
+            return Err(StoreError::InUse { path, pid });
+        }
         let options = SqliteConnectOptions::new()
             .filename(&path)
             .create_if_missing(true)
@@ -245,6 +256,7 @@ impl SqliteStore {
             // switches to NORMAL below, and WalSync syncs behind it.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
+            .vfs(super::sqlite_lock::VFS)
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-16000");
         let mut writer = SqliteConnection::connect_with(&options).await?;
@@ -292,10 +304,13 @@ impl SqliteStore {
                 ),
             )))
         })?;
+        // query_only rather than a read-only open: a file opened read-only
+        // takes locks in the kernel of its own (see sqlite_lock), and a
+        // process's POSIX locks replace each other.
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
-            .connect_with(options.clone().read_only(true))
+            .connect_with(options.clone().pragma("query_only", "true"))
             .await?;
         let with_position: Vec<String> =
             sqlx::query_scalar("SELECT session FROM session_positions")
@@ -336,6 +351,8 @@ impl SqliteStore {
         on_ingest(answering.run())?;
         on_ingest(run_checkpointer(checkpointer, wrote, tx.downgrade()))?;
         Ok(SqliteStore {
+            path,
+            options,
             reads,
             writes: tx,
             memory,
@@ -1592,6 +1609,46 @@ impl MessageStore for SqliteStore {
             .memory
             .stored
             .load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// `VACUUM INTO` a new file beside the database, on a connection of
+    /// its own (the readers are `query_only`, which refuses it): the
+    /// writer goes on meanwhile, and the copy is of one moment. Another
+    /// process cannot read the file while the node runs (`sqlite_lock`),
+    /// so this is how the node is backed up without stopping it.
+    async fn backup(&self) -> StoreResult<Option<std::fs::File>> {
+        // The positions waiting in memory go into the copy too.
+        self.flush().await?;
+        static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(
+            ".backup-{}-{}",
+            std::process::id(),
+            TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let copy = PathBuf::from(name);
+        let io = |e: std::io::Error| StoreError::Unavailable(sqlx::Error::Io(e));
+        let target = copy.to_str().ok_or_else(|| {
+            io(std::io::Error::other(format!(
+                "the database's path is not UTF-8: {}",
+                self.path.display()
+            )))
+        })?;
+        let mut conn = SqliteConnection::connect_with(&self.options).await?;
+        let vacuumed = sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        let opened = vacuumed
+            .map_err(StoreError::from)
+            .and_then(|_| std::fs::File::open(&copy).map_err(io));
+        // Unlinked at once: the answer reads it through the descriptor,
+        // and a node that stops meanwhile leaves no copy behind.
+        let removed = std::fs::remove_file(&copy);
+        let file = opened?;
+        removed.map_err(io)?;
+        Ok(Some(file))
     }
 
     fn wake_after_commits(&self, hub: Arc<crate::hub::Hub>) -> bool {

@@ -69,6 +69,111 @@ async fn token_notify_and_migrate_commands_work_against_a_running_node() {
     assert!(err.contains("soon"), "{err}");
 }
 
+/// A second node on a running node's SQLite file would answer from its own
+/// memory and never wake the first one's polls: it refuses to start, at
+/// once, naming the process that has the file.
+#[tokio::test]
+async fn a_second_node_on_the_same_sqlite_file_refuses_to_start() {
+    let mut s = Server::start();
+    let holder = format!("in use by another process (pid {})", s.pid());
+
+    let (code, _, err) = pns(&s.dir, &["migrate"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains(&holder), "{err}");
+    assert!(err.contains("pns.db"), "{err}");
+
+    let started = Instant::now();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_pns"))
+        .arg("serve")
+        .env_clear()
+        .env("PNS_LISTEN", "127.0.0.1:0")
+        .env("PNS_INTERNAL_LISTEN", "127.0.0.1:0")
+        .env(
+            "PNS_DATABASE_URL",
+            format!("sqlite://{}/pns.db", s.dir.display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            second.kill().unwrap();
+            panic!("a second node started on the same file");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!exited.success());
+    assert!(err.contains(&holder), "{err}");
+
+    // The first node is unharmed, and once it stops the file is free.
+    let sid = s.sid("alice@example.com");
+    assert_eq!(s.poll(&sid, "timeout=0").await.status, StatusCode::OK);
+    assert_eq!(s.sigterm().0, Some(0));
+    let (code, out, err) = pns(&s.dir, &["migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("up to date"));
+}
+
+/// `pns backup` copies a running node's store, which no other process may
+/// open meanwhile: a node started on the copy has what was stored before it.
+#[tokio::test]
+async fn backup_copies_a_running_node_and_a_node_starts_from_the_copy() {
+    let s = Server::start();
+    let internal = s.internal.to_string();
+    let env = [("PNS_INTERNAL_LISTEN", internal.as_str())];
+    for subject in ["one", "two", "three"] {
+        assert_eq!(
+            s.mail("alice@example.com", subject).await.status,
+            StatusCode::ACCEPTED
+        );
+    }
+    let copy = tempfile::tempdir().unwrap();
+    let out = copy.path().join("pns.db");
+    std::fs::write(&out, b"an older copy").unwrap();
+    let (code, said, err) = pns(&s.dir, &["backup", "--out", out.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(said.contains("written to"), "{said}");
+    // The node goes on, and keeps no copy beside its file.
+    assert_eq!(
+        s.mail("alice@example.com", "four").await.status,
+        StatusCode::ACCEPTED
+    );
+    let beside: Vec<_> = std::fs::read_dir(&s.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("backup"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
+
+    let restored = Server::start_in(copy, &[], &[]);
+    let stats = restored.internal_get("/internal/v1/stats").await;
+    assert_eq!(stats.body["messagesStored"], 3, "{}", stats.body);
+
+    let refused = s
+        .http
+        .get(s.internal_url("/internal/v1/backup"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let (code, _, err) = pns(
+        &s.dir,
+        &["backup", "--out", out.to_str().unwrap()],
+        &[
+            ("PNS_INTERNAL_LISTEN", internal.as_str()),
+            ("PNS_INTERNAL_TOKEN", "not-the-token-of-this-node-at-all"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("refused the internal token"), "{err}");
+}
+
 #[tokio::test]
 async fn notify_says_clearly_when_no_node_runs() {
     let dir = tempfile::tempdir().unwrap();

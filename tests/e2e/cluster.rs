@@ -655,3 +655,19 @@ async fn an_opaque_session_deleted_on_one_node_ends_its_poll_on_another() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// A cluster's store is PostgreSQL's to back up: a node says so instead
+/// of copying anything.
+#[tokio::test]
+async fn a_backup_of_a_cluster_node_points_to_postgresql_tools() {
+    let schema = Schema::create().await;
+    let s = node_on(&schema.url()).await;
+    let answer = s.internal_get("/internal/v1/backup").await;
+    assert_eq!(answer.status, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(answer.body["errorCode"], "NOT_IMPLEMENTED");
+    assert!(
+        answer.body["error"].as_str().unwrap().contains("pg_dump"),
+        "{}",
+        answer.body
+    );
+}

@@ -171,6 +171,11 @@ impl Server {
         s
     }
 
+    /// The server process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Send SIGTERM; returns the exit code and how long the exit took.
     pub fn sigterm(&mut self) -> (Option<i32>, Duration) {
         let t = Instant::now();
