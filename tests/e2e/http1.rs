@@ -323,6 +323,45 @@ fn without_date(reply: &Reply) -> Vec<(String, String)> {
     headers.cloned().collect()
 }
 
+/// A poll answered where its mail is committed is counted once, as a
+/// message: the hold that ends later, unseen, is not counted as a timeout
+/// too, nor are its messages delivered twice.
+#[tokio::test]
+async fn a_poll_answered_at_commit_is_counted_once_when_its_hold_ends_unseen() {
+    const TIMEOUT: &str = "pns_poll_answers_total{outcome=\"timeout\"}";
+    const MESSAGE: &str = "pns_poll_answers_total{outcome=\"message\"}";
+    const DELIVERED: &str = "pns_messages_delivered_total";
+    let s = Server::start();
+    let sid = s.sid("alice@example.com");
+    let mut raw = Raw::connect(&s).await;
+    raw.send(&poll_from(None, &sid, "timeout=0")).await;
+    let cursor = raw.reply().await.json()["cursor"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(metric(&s, TIMEOUT).await, 1.0);
+
+    raw.send(&poll_from(
+        None,
+        &sid,
+        &format!("cursor={cursor}&timeout=1"),
+    ))
+    .await;
+    s.polls_held_becomes(1).await;
+    s.mail("alice@example.com", "once").await;
+    assert_eq!(raw.reply().await.c_of(), 1);
+    assert_eq!(metric(&s, AT_COMMIT).await, 1.0);
+
+    // The hold ends with the connection quiet.
+    assert!(!raw.closes(Duration::from_millis(1500)).await);
+    assert_eq!(metric(&s, TIMEOUT).await, 1.0);
+    assert_eq!(metric(&s, MESSAGE).await, 1.0);
+    assert_eq!(metric(&s, DELIVERED).await, 1.0);
+    let stats = s.internal_get("/internal/v1/stats").await.body;
+    assert_eq!(stats["pollAnswers"]["timeout"], 1, "{stats}");
+    assert_eq!(stats["pollAnswers"]["message"], 1, "{stats}");
+}
+
 #[tokio::test]
 async fn a_held_poll_answered_where_its_mail_is_committed_gets_the_routed_answer_byte_for_byte() {
     let webmail = "https://mail.example.com";
