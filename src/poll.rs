@@ -53,6 +53,7 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
     // A poll without a cursor has its position saved before its answer,
     // which is no work for the committing thread.
     let lent = lent.filter(|_| cursor.is_some());
+    let slot = lent.as_ref().map(|(slot, _)| &**slot);
     let after = match cursor {
         Some(seq) => seq,
         None => app.store.position(&session.key).await?.unwrap_or(0),
@@ -100,11 +101,11 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
             }
             if !found.is_empty() {
                 drop(parked);
-                return deliver(app, &session, cursor.is_none(), found, more).await;
+                return deliver(app, slot, &session, cursor.is_none(), found, more).await;
             }
         }
         if timeout.is_zero() {
-            return Ok(empty(app, after, Outcome::timeout));
+            return Ok(empty(app, slot, after, Outcome::timeout));
         }
         tokio::select! {
             wake = parked.woken() => match wake {
@@ -114,19 +115,30 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
                     return Err(SessionError::Revoked.into());
                 }
                 Wake::News => continue,
-                Wake::Superseded => return Ok(empty(app, after, Outcome::superseded)),
-                Wake::ShuttingDown => return Ok(empty(app, after, Outcome::shutdown)),
-                Wake::Capped => return Ok(empty(app, after, Outcome::capped)),
+                Wake::Superseded => return Ok(empty(app, slot, after, Outcome::superseded)),
+                Wake::ShuttingDown => return Ok(empty(app, slot, after, Outcome::shutdown)),
+                Wake::Capped => return Ok(empty(app, slot, after, Outcome::capped)),
                 // Counted as an error answer by the handler.
                 Wake::Revoked => return Err(SessionError::Revoked.into()),
             },
-            _ = tokio::time::sleep_until(deadline) => return Ok(empty(app, after, Outcome::timeout)),
+            _ = tokio::time::sleep_until(deadline) => return Ok(empty(app, slot, after, Outcome::timeout)),
         }
     }
 }
 
-fn empty(app: &App, after: i64, outcome: Outcome) -> PollAnswer {
-    app.metrics.answered(outcome);
+/// Whether the answer a poll is about to give is the one its client gets.
+/// With a lent socket, the thread that commits the poll's news may have
+/// answered it meanwhile, and counted that answer (the poll's own, the
+/// hold ending say, is then dropped by the connection task); claiming the
+/// socket settles it, so each answer is counted once.
+fn answers_here(slot: Option<&AnswerSlot>) -> bool {
+    slot.is_none_or(AnswerSlot::claim)
+}
+
+fn empty(app: &App, slot: Option<&AnswerSlot>, after: i64, outcome: Outcome) -> PollAnswer {
+    if answers_here(slot) {
+        app.metrics.answered(outcome);
+    }
     PollAnswer {
         c: 0,
         msg: Vec::new(),
@@ -137,6 +149,7 @@ fn empty(app: &App, after: i64, outcome: Outcome) -> PollAnswer {
 
 async fn deliver(
     app: &App,
+    slot: Option<&AnswerSlot>,
     session: &Session,
     keep_position: bool,
     found: Vec<StoredMessage>,
@@ -148,7 +161,9 @@ async fn deliver(
             .save_position(&session.key, &session.user, last, crate::clock::now_ms())
             .await?;
     }
-    count_delivery(app, found.iter().map(|m| m.visible_ms));
+    if answers_here(slot) {
+        count_delivery(app, found.iter().map(|m| m.visible_ms));
+    }
     with_messages(found, more)
 }
 
@@ -232,5 +247,78 @@ impl AnswerAtCommit for AtCommit {
         app.metrics.answered_at_commit.inc();
         app.registry.delivered(session, delivered);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Settings};
+    use crate::ingest::Source;
+    use crate::store::NewMessage;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    /// A poll answered where its mail was committed, whose own answer comes
+    /// anyway (here its hold ends before anything else looks at the slot;
+    /// in the server the connection task then drops that answer): counted
+    /// once, as the message the client got.
+    #[tokio::test]
+    async fn a_poll_answered_at_commit_counts_nothing_when_its_own_answer_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            database_url: Some(format!("sqlite://{}/pns.db", dir.path().display())),
+            jwt_secret: Some("a secret of more than thirty-two bytes".into()),
+            ..Settings::default()
+        };
+        let config = Config::resolve(settings, None).unwrap();
+        let app = App::new(config, crate::shutdown::Shutdown::new())
+            .await
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let slot = Arc::new(AnswerSlot::new(server.as_raw_fd()));
+        let user = "alice@example.com";
+        let request = PollRequest {
+            session: Session {
+                key: "session-1".into(),
+                user: user.into(),
+                start_ms: 0,
+                expires_ms: i64::MAX,
+            },
+            cursor: Some(0),
+            timeout: Duration::from_millis(300),
+            lent: Some((slot, app.poll_heads.id(None))),
+        };
+        let held = tokio::spawn({
+            let app = app.clone();
+            async move { answer(&app, request).await }
+        });
+        while app.hub.held() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mail = NewMessage {
+            user: user.into(),
+            kind: 70,
+            data: r#"{"subject":"once"}"#.into(),
+            dedup_key: None,
+            delay_ms: 0,
+        };
+        app.ingest.accept(vec![mail], Source::Api).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("once") {
+            let n = client.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed before the answer");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(app.metrics.answered_at_commit.get(), 1);
+
+        let own = held.await.unwrap().unwrap();
+        assert_eq!(own.c, 0);
+        assert_eq!(app.metrics.answers(Outcome::timeout), 0);
+        assert_eq!(app.metrics.answers(Outcome::message), 1);
+        assert_eq!(app.metrics.delivered.get(), 1);
     }
 }

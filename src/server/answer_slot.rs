@@ -43,7 +43,7 @@ struct Answered {
 }
 
 impl AnswerSlot {
-    pub(super) fn new(fd: RawFd) -> AnswerSlot {
+    pub(crate) fn new(fd: RawFd) -> AnswerSlot {
         AnswerSlot {
             state: Mutex::new(State {
                 fd: Some(fd),
@@ -116,9 +116,10 @@ impl AnswerSlot {
         Poll::Pending
     }
 
-    /// The connection task is about to write the routed answer: false if
-    /// the answer went out from elsewhere already.
-    pub(super) fn claim(&self) -> bool {
+    /// The routed answer is about to be given (by the connection task, or
+    /// by the poll before it counts its answer): false if the answer went
+    /// out from elsewhere already. From then on nobody else answers.
+    pub fn claim(&self) -> bool {
         let mut state = self.lock();
         state.fd = None;
         state.answered.is_none()
