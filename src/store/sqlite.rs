@@ -107,7 +107,8 @@ impl Seqs {
 pub struct SqliteStore {
     /// The database file.
     path: PathBuf,
-    /// A connection that may write, as the writer's (a backup's own).
+    /// How the writer connects; a backup connects so too, since the
+    /// readers may not write even the copy.
     options: SqliteConnectOptions,
     reads: SqlitePool,
     writes: mpsc::Sender<Queued>,
@@ -1620,23 +1621,17 @@ impl MessageStore for SqliteStore {
         // The positions waiting in memory go into the copy too.
         self.flush().await?;
         static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let mut name = self.path.clone().into_os_string();
-        name.push(format!(
-            ".backup-{}-{}",
+        // The path came from the URL, a string: `display` is exact.
+        let copy = format!(
+            "{}.backup-{}-{}",
+            self.path.display(),
             std::process::id(),
             TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let copy = PathBuf::from(name);
+        );
         let io = |e: std::io::Error| StoreError::Unavailable(sqlx::Error::Io(e));
-        let target = copy.to_str().ok_or_else(|| {
-            io(std::io::Error::other(format!(
-                "the database's path is not UTF-8: {}",
-                self.path.display()
-            )))
-        })?;
         let mut conn = SqliteConnection::connect_with(&self.options).await?;
         let vacuumed = sqlx::query("VACUUM INTO ?")
-            .bind(target)
+            .bind(&copy)
             .execute(&mut conn)
             .await;
         let _ = conn.close().await;
