@@ -149,6 +149,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// An error and its causes for the operator, each said once: many errors
+/// (thiserror's, sqlx's) put their cause in their own text and also give it
+/// as their source, which `{:#}` then says again.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut said = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if said.ends_with(&text) {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(": ");
+        }
+        said.push_str(&text);
+    }
+    said
+}
+
 /// How often `pns stats --watch` refreshes.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -386,5 +404,27 @@ async fn backup(config: &Config, out: &std::path::Path) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&partial);
             Err(e.context(format!("the backup to {} failed", out.display())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let io = std::io::Error::other("cannot open the database data/pns.db: Permission denied");
+        let store = crate::store::StoreError::Unavailable(sqlx::Error::Io(io));
+        let e = anyhow::Error::new(store).context("cannot open the message store");
+        assert_eq!(
+            describe(&e),
+            "cannot open the message store: store unavailable: error communicating with \
+             database: cannot open the database data/pns.db: Permission denied"
+        );
+        // Causes not in their error's own text are all said.
+        let e = anyhow::anyhow!("the root")
+            .context("the middle")
+            .context("the top");
+        assert_eq!(describe(&e), "the top: the middle: the root");
     }
 }

@@ -60,7 +60,7 @@ async fn run() -> std::process::ExitCode {
     match pns::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pns: {e:#}");
+            eprintln!("pns: {}", pns::cli::describe(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -242,9 +242,11 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         }
-        if let Some(pid) = super::sqlite_lock::holder(&path)
-            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?
-        {
+        let held = super::sqlite_lock::holder(&path).map_err(|e| {
+            let named = format!("cannot open the database {}: {e}", path.display());
+            StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(e.kind(), named)))
+        })?;
+        if let Some(pid) = held {
             return Err(StoreError::InUse { path, pid });
         }
         let options = SqliteConnectOptions::new()
