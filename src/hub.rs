@@ -24,6 +24,15 @@
 //! with an [`AnswerAtCommit`] is answered there, on the committing thread,
 //! from the store's memory, without waking its task.
 //!
+//! Acknowledging a notify does not wait for its delivery, so a burst can
+//! be accepted faster than its polls are answered, and its deliveries
+//! would then wait behind the rest of the burst (tens to hundreds of ms).
+//! The hub counts the answers it owes: polls woken with news whose task
+//! has not run yet. The SQLite writer waits before its next round while
+//! more than [`MAX_ANSWERS_OWED`] are owed ([`Hub::answers_caught_up`]),
+//! so the notifies of a burst queue at the door instead, where the next
+//! round takes them together.
+//!
 //! A user holds at most `user_cap` polls at once: parking one more releases
 //! that user's oldest with [`Wake::Capped`], so a runaway client (or many tabs
 //! without the shared poll) cannot pin sockets without end.
@@ -43,6 +52,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 const SHARDS: usize = 64;
@@ -52,6 +62,20 @@ const SHARDS: usize = 64;
 /// about 150,000 to 37,000 messages a second when the writer answered
 /// all its polls).
 pub const MAX_USERS_ANSWERED_AT_COMMIT: usize = 16;
+/// Answers owed (polls woken with news that have not run yet) beyond
+/// which the SQLite writer waits before its next round: about a
+/// millisecond of the polls' thread. With 64, 128 and 256 the single
+/// notifies of the benchmark went equally fast, and their median delivery
+/// took 2, 3 and 8 ms (docs/BENCHMARKS.md).
+pub const MAX_ANSWERS_OWED: usize = 64;
+/// The longest the writer waits for the answers owed, so that notifies are
+/// still stored and acknowledged if the polls' runtime stalls. Unit tests
+/// wait longer, so that a slow machine never reaches it by chance.
+const ANSWERS_WAIT_CAP: Duration = if cfg!(test) {
+    Duration::from_secs(60)
+} else {
+    Duration::from_millis(250)
+};
 /// Users per shard beyond which an entry that only holds a read proof is
 /// not kept (it would linger until the user's next wake).
 const PROOFS_PER_SHARD: usize = 4096;
@@ -71,6 +95,44 @@ pub enum Wake {
     Capped,
 }
 
+/// What a parked poll is sent: why it is woken, and for news, its share
+/// of the answers owed, paid when the poll runs or is dropped.
+pub struct Woken {
+    why: Wake,
+    _owed: Option<Owed>,
+}
+
+impl From<Wake> for Woken {
+    fn from(why: Wake) -> Self {
+        Woken { why, _owed: None }
+    }
+}
+
+/// Where a parked poll's [`Woken`] is sent.
+pub type WakeSender = oneshot::Sender<Woken>;
+
+/// One answer owed; dropping it pays it.
+struct Owed(Arc<Backlog>);
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        let before = self.0.owed.fetch_sub(1, Ordering::AcqRel);
+        if before == MAX_ANSWERS_OWED + 1 {
+            self.0.caught_up.notify_one();
+        }
+    }
+}
+
+/// The answers owed, and who waits for them.
+#[derive(Default)]
+struct Backlog {
+    owed: AtomicUsize,
+    /// Notified when the answers owed fall to [`MAX_ANSWERS_OWED`].
+    caught_up: tokio::sync::Notify,
+    /// Rounds the writer held back for them, since start.
+    rounds_held: AtomicU64,
+}
+
 /// Reads, from a store's memory, the messages of a user (the first
 /// argument) after a seq, visible since a time in ms, at most so many:
 /// what a poll's read of the store would find; `None` when memory cannot
@@ -87,8 +149,8 @@ pub trait AnswerAtCommit: Send {
         user: &str,
         session: &str,
         read: ReadNews<'_>,
-        wake: oneshot::Sender<Wake>,
-    ) -> Result<(), oneshot::Sender<Wake>>;
+        wake: WakeSender,
+    ) -> Result<(), WakeSender>;
 }
 
 struct Waiter {
@@ -97,7 +159,7 @@ struct Waiter {
     at_commit: Option<Box<dyn AnswerAtCommit>>,
     /// Wall-clock ms when parked, to compare with polls begun on other nodes.
     parked_ms: i64,
-    wake: oneshot::Sender<Wake>,
+    wake: WakeSender,
 }
 
 /// What the hub knows of one user.
@@ -125,6 +187,7 @@ struct Shard {
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
     relay: Relay,
+    backlog: Arc<Backlog>,
     hasher: foldhash::fast::RandomState,
     /// Parked polls' ids and user entries' generations, from one counter.
     next_id: AtomicU64,
@@ -139,7 +202,7 @@ struct Relay {
     /// Whether a [`Hub::relay_wakes`] task runs; without one, wakes are
     /// sent where they happen.
     running: AtomicBool,
-    waiting: Mutex<Vec<oneshot::Sender<Wake>>>,
+    waiting: Mutex<Vec<(WakeSender, Woken)>>,
     /// Notified when `waiting` stops being empty.
     filled: tokio::sync::Notify,
 }
@@ -153,7 +216,7 @@ pub struct Parked {
     generation: u64,
     /// The store holds nothing new for this poll: no need to read it.
     nothing_new: bool,
-    rx: oneshot::Receiver<Wake>,
+    rx: oneshot::Receiver<Woken>,
 }
 
 impl Default for Hub {
@@ -161,6 +224,7 @@ impl Default for Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             relay: Relay::default(),
+            backlog: Arc::default(),
             hasher: Default::default(),
             next_id: AtomicU64::new(1),
             held: AtomicUsize::new(0),
@@ -205,7 +269,7 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let user: Arc<str> = Arc::from(user);
         if self.closed.load(Ordering::Acquire) {
-            let _ = tx.send(Wake::ShuttingDown);
+            let _ = tx.send(Wake::ShuttingDown.into());
             return Parked {
                 hub: self.clone(),
                 user,
@@ -237,7 +301,7 @@ impl Hub {
                 // Replace the sender so the old one can be consumed.
                 let (dummy, _) = oneshot::channel();
                 let old = std::mem::replace(&mut w.wake, dummy);
-                let _ = old.send(Wake::Superseded);
+                let _ = old.send(Wake::Superseded.into());
                 false
             } else {
                 true
@@ -252,7 +316,7 @@ impl Hub {
                 .map(|(i, _)| i)
             {
                 let w = waiters.swap_remove(oldest);
-                let _ = w.wake.send(Wake::Capped);
+                let _ = w.wake.send(Wake::Capped.into());
                 released += 1;
             }
         }
@@ -325,17 +389,26 @@ impl Hub {
         self.send_news(news);
     }
 
+    /// [`Wake::News`], owing its answer until the poll runs.
+    fn news(&self) -> Woken {
+        self.backlog.owed.fetch_add(1, Ordering::AcqRel);
+        Woken {
+            why: Wake::News,
+            _owed: Some(Owed(self.backlog.clone())),
+        }
+    }
+
     /// Send [`Wake::News`] through the relay when it runs.
-    fn send_news(&self, wakes: impl IntoIterator<Item = oneshot::Sender<Wake>>) {
+    fn send_news(&self, wakes: impl IntoIterator<Item = WakeSender>) {
         if !self.relay.running.load(Ordering::Acquire) {
             for wake in wakes {
-                let _ = wake.send(Wake::News);
+                let _ = wake.send(self.news());
             }
             return;
         }
         let mut waiting = self.relay.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let was_empty = waiting.is_empty();
-        waiting.extend(wakes);
+        waiting.extend(wakes.into_iter().map(|wake| (wake, self.news())));
         let filled = was_empty && !waiting.is_empty();
         drop(waiting);
         // The relay takes all there is when it runs: one notification
@@ -356,8 +429,8 @@ impl Hub {
                 let relay = &self.0.relay;
                 let taken =
                     std::mem::take(&mut *relay.waiting.lock().unwrap_or_else(|p| p.into_inner()));
-                for wake in taken {
-                    let _ = wake.send(Wake::News);
+                for (wake, news) in taken {
+                    let _ = wake.send(news);
                 }
             }
         }
@@ -386,7 +459,7 @@ impl Hub {
             for (_, state) in users {
                 self.held.fetch_sub(state.waiters.len(), Ordering::Relaxed);
                 for w in state.waiters {
-                    let _ = w.wake.send(Wake::News);
+                    let _ = w.wake.send(self.news());
                 }
             }
         }
@@ -415,7 +488,7 @@ impl Hub {
         drop(shard);
         self.held.fetch_sub(released.len(), Ordering::Relaxed);
         for w in released {
-            let _ = w.wake.send(Wake::Superseded);
+            let _ = w.wake.send(Wake::Superseded.into());
         }
     }
 
@@ -425,7 +498,7 @@ impl Hub {
         if let Some(UserState { waiters, .. }) = state {
             self.held.fetch_sub(waiters.len(), Ordering::Relaxed);
             for w in waiters {
-                let _ = w.wake.send(Wake::Revoked);
+                let _ = w.wake.send(Wake::Revoked.into());
             }
         }
     }
@@ -462,7 +535,7 @@ impl Hub {
             drop(shard);
             self.held.fetch_sub(released.len(), Ordering::Relaxed);
             for w in released {
-                let _ = w.wake.send(why);
+                let _ = w.wake.send(why.into());
             }
         }
     }
@@ -470,6 +543,43 @@ impl Hub {
     /// Polls parked now on this node.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// Polls woken with news that have not run yet.
+    pub fn answers_owed(&self) -> usize {
+        self.backlog.owed.load(Ordering::Acquire)
+    }
+
+    /// Rounds [`Hub::answers_caught_up`] held back since start.
+    pub fn rounds_held_for_answers(&self) -> u64 {
+        self.backlog.rounds_held.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once at most [`MAX_ANSWERS_OWED`] answers are owed, or
+    /// after [`ANSWERS_WAIT_CAP`]; at once, without a wake-up, when so
+    /// few are owed already (then false: it did not wait). The SQLite
+    /// writer awaits it before each round.
+    pub async fn answers_caught_up(&self) -> bool {
+        let backlog = &self.backlog;
+        if backlog.owed.load(Ordering::Acquire) <= MAX_ANSWERS_OWED {
+            return false;
+        }
+        backlog.rounds_held.fetch_add(1, Ordering::Relaxed);
+        let cap = tokio::time::Instant::now() + ANSWERS_WAIT_CAP;
+        loop {
+            // Made before the check: a payment in between leaves a permit.
+            let caught_up = backlog.caught_up.notified();
+            if backlog.owed.load(Ordering::Acquire) <= MAX_ANSWERS_OWED {
+                return true;
+            }
+            if tokio::time::timeout_at(cap, caught_up).await.is_err() {
+                tracing::warn!(
+                    owed = backlog.owed.load(Ordering::Relaxed),
+                    "the polls' runtime answers too slowly; storing without waiting for it"
+                );
+                return true;
+            }
+        }
     }
 
     /// Polls parked now for `user` on this node, by session.
@@ -508,7 +618,7 @@ impl Parked {
     /// Wait until woken. A sender dropped without a word counts as news, so
     /// the poll re-reads the store rather than hang.
     pub async fn woken(&mut self) -> Wake {
-        (&mut self.rx).await.unwrap_or(Wake::News)
+        (&mut self.rx).await.map_or(Wake::News, |woken| woken.why)
     }
 }
 
@@ -656,12 +766,44 @@ mod tests {
         assert_eq!(hub.held(), 0);
     }
 
+    #[tokio::test]
+    async fn news_is_owed_until_its_poll_runs_and_a_writer_waits_while_too_much_is() {
+        let hub = Hub::new();
+        let users: Vec<String> = (0..=MAX_ANSWERS_OWED).map(|i| format!("u{i}")).collect();
+        let mut parked: Vec<Parked> = users.iter().map(|u| hub.park(u, "s", 0, 0, None)).collect();
+        assert!(!hub.answers_caught_up().await, "nothing owed: no wait");
+        for user in &users {
+            hub.wake(user);
+        }
+        assert_eq!(hub.answers_owed(), MAX_ANSWERS_OWED + 1);
+        let writer = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.answers_caught_up().await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!writer.is_finished());
+        // A poll whose client went away pays what it owed.
+        drop(parked.pop());
+        assert_eq!(hub.answers_owed(), MAX_ANSWERS_OWED);
+        assert!(writer.await.unwrap(), "the writer waited");
+        assert_eq!(parked[0].woken().await, Wake::News);
+        assert_eq!(hub.answers_owed(), MAX_ANSWERS_OWED - 1);
+        // Other wakes owe nothing.
+        let mut other = hub.park("v", "s", 0, 0, None);
+        hub.shut_down();
+        assert_eq!(other.woken().await, Wake::ShuttingDown);
+        assert_eq!(hub.answers_owed(), MAX_ANSWERS_OWED - 1);
+        assert_eq!(hub.rounds_held_for_answers(), 1);
+    }
+
     /// What [`Answers`] answered, and the wakes it kept (as an answer
     /// slot does).
     #[derive(Default)]
     struct Answered {
         got: Mutex<Vec<(String, Vec<i64>)>>,
-        kept: Mutex<Vec<oneshot::Sender<Wake>>>,
+        kept: Mutex<Vec<WakeSender>>,
     }
 
     /// Answers with the seqs `read` finds after seq 1, or declines.
@@ -676,8 +818,8 @@ mod tests {
             user: &str,
             _session: &str,
             read: ReadNews<'_>,
-            wake: oneshot::Sender<Wake>,
-        ) -> Result<(), oneshot::Sender<Wake>> {
+            wake: WakeSender,
+        ) -> Result<(), WakeSender> {
             if self.decline {
                 return Err(wake);
             }

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock};
 
 /// Distinct `comeFrom` label values at most; later ones count as `other`.
@@ -100,6 +101,8 @@ struct SourceLabel {
 pub struct Metrics {
     registry: Registry,
     polls_held: Gauge,
+    answers_owed: Gauge,
+    rounds_held_for_answers: Counter,
     sessions_active: Gauge,
     poll_answers: Family<OutcomeLabel, Counter>,
     polls_by_come_from: Family<ComeFromLabel, Counter>,
@@ -134,6 +137,8 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("pns");
         let polls_held = Gauge::default();
+        let answers_owed = Gauge::default();
+        let rounds_held_for_answers = Counter::default();
         let sessions_active = Gauge::default();
         let poll_answers = Family::<OutcomeLabel, Counter>::default();
         let polls_by_come_from = Family::<ComeFromLabel, Counter>::default();
@@ -151,6 +156,16 @@ impl Metrics {
             "polls_held",
             "Polls held open on this node now",
             polls_held.clone(),
+        );
+        registry.register(
+            "answers_owed",
+            "Polls woken with news whose answer has not been made yet",
+            answers_owed.clone(),
+        );
+        registry.register(
+            "rounds_held_for_answers",
+            "Commits the SQLite writer held back while too many answers were owed",
+            rounds_held_for_answers.clone(),
         );
         registry.register(
             "sessions_active",
@@ -215,6 +230,8 @@ impl Metrics {
         Metrics {
             registry,
             polls_held,
+            answers_owed,
+            rounds_held_for_answers,
             sessions_active,
             poll_answers,
             polls_by_come_from,
@@ -368,9 +385,14 @@ impl Metrics {
             .sum()
     }
 
-    /// Prometheus text exposition, with the gauges read at scrape time.
-    pub fn render(&self, polls_held: usize, sessions_active: usize) -> String {
-        self.polls_held.set(polls_held as i64);
+    /// Prometheus text exposition, with what `hub` knows and the active
+    /// sessions read at scrape time.
+    pub fn render(&self, hub: &crate::hub::Hub, sessions_active: usize) -> String {
+        self.polls_held.set(hub.held() as i64);
+        self.answers_owed.set(hub.answers_owed() as i64);
+        self.rounds_held_for_answers
+            .inner()
+            .store(hub.rounds_held_for_answers(), Ordering::Relaxed);
         self.sessions_active.set(sessions_active as i64);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -397,7 +419,7 @@ mod tests {
         assert!(counts.contains(&("other".into(), 100 - MAX_COME_FROM_LABELS as u64)));
         assert!(counts.contains(&("tag0".into(), 2)));
         assert!(counts.contains(&("none".into(), 1)));
-        let text = m.render(0, 0);
+        let text = m.render(&crate::hub::Hub::default(), 0);
         assert!(text.contains("pns_polls_by_come_from_total{come_from=\"other\"} 68"));
     }
 

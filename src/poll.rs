@@ -8,7 +8,7 @@
 use crate::app::App;
 use crate::http::error::ApiError;
 use crate::http::HeadId;
-use crate::hub::{AnswerAtCommit, ReadNews, Wake};
+use crate::hub::{AnswerAtCommit, ReadNews, Wake, WakeSender};
 use crate::metrics::Outcome;
 use crate::server::AnswerSlot;
 use crate::session::{Session, SessionError};
@@ -16,7 +16,6 @@ use crate::store::StoredMessage;
 use crate::wire::{PollAnswer, WireMessage, MAX_MESSAGES_PER_ANSWER};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// A validated poll.
@@ -218,8 +217,8 @@ impl AnswerAtCommit for AtCommit {
         user: &str,
         session: &str,
         read: ReadNews<'_>,
-        wake: oneshot::Sender<Wake>,
-    ) -> Result<(), oneshot::Sender<Wake>> {
+        wake: WakeSender,
+    ) -> Result<(), WakeSender> {
         let app = &self.app;
         // Anything unusual is left to the poll's own runtime.
         if app.sessions.is_revoked_parts(session, user, self.start_ms) {

@@ -30,7 +30,7 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Result<Json<serde_json::Valu
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     let active = app.registry.active(crate::clock::now_ms());
-    let mut response = app.metrics.render(app.hub.held(), active).into_response();
+    let mut response = app.metrics.render(&app.hub, active).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),

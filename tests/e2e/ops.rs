@@ -77,6 +77,8 @@ async fn metrics_follow_polls_answers_and_deliveries() {
     let text = metrics(&s).await;
     for series in [
         "pns_polls_held",
+        "pns_answers_owed",
+        "pns_rounds_held_for_answers_total",
         "pns_sessions_active",
         "pns_poll_answers_total{outcome=\"message\"}",
         "pns_poll_answers_total{outcome=\"timeout\"}",
