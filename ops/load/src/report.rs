@@ -171,7 +171,7 @@ type Figure = (&'static str, fn(&TargetReport) -> f64, bool);
 
 /// The figures compared, in the order reported. The batch phase's
 /// latency is reported but not compared: PNS has four batches of 500 in
-/// flight, Nchan (which has no batch publish) four single messages, and a
+/// flight, Nchan (which has no batch publish) 64 single publishes, and a
 /// message's latency is mostly its wait behind those in flight.
 const FIGURES: &[Figure] = &[
     ("ramp_s", |t| t.ramp_s.unwrap_or(f64::INFINITY), true),
