@@ -63,11 +63,11 @@ const SHARDS: usize = 64;
 /// all its polls).
 pub const MAX_USERS_ANSWERED_AT_COMMIT: usize = 16;
 /// Answers owed (polls woken with news that have not run yet) beyond
-/// which the SQLite writer waits before its next round: about a
-/// millisecond of the polls' thread. With 64, 128 and 256 the single
-/// notifies of the benchmark went equally fast, and their median delivery
-/// took 2, 3 and 8 ms (docs/BENCHMARKS.md).
-pub const MAX_ANSWERS_OWED: usize = 64;
+/// which the SQLite writer waits before its next round: a fraction of a
+/// millisecond of the polls' thread. With 16, 32, 64 and 256 the single
+/// notifies of the benchmark went equally fast, and their delivery p99
+/// took about 5.3, 5.6, 7.4 and 15 ms (docs/BENCHMARKS.md, ²⁴).
+pub const MAX_ANSWERS_OWED: usize = 16;
 /// The longest the writer waits for the answers owed, so that notifies are
 /// still stored and acknowledged if the polls' runtime stalls. Unit tests
 /// wait longer, so that a slow machine never reaches it by chance.
