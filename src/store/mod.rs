@@ -20,6 +20,7 @@ mod positions;
 mod postgres;
 mod recent;
 mod sqlite;
+mod sqlite_checkpoint;
 mod sqlite_direct;
 mod sqlite_lock;
 mod wal_sync;

@@ -13,7 +13,8 @@
 //! worker thread: the writer borrows the connection's handle and runs them
 //! itself ([`Direct`]). Reads use a separate pool of connections, which WAL
 //! mode lets run beside the writer, and a checkpointer copies the log into
-//! the database file beside it. After each commit the writer hands the new
+//! the database file beside it and has the log start over
+//! ([`super::sqlite_checkpoint`]). After each commit the writer hands the new
 //! rows to [`Recent`], which answers most polls' reads from memory.
 //! The connections run on SQLite's page cache wrapped by
 //! [`super::page_cache`], which spares a commit after a B-tree split a walk
@@ -32,6 +33,7 @@
 
 use super::positions::{Known, Positions, Waiting};
 use super::recent::Recent;
+use super::sqlite_checkpoint::{self as checkpoint, Pause, PauseAsks};
 use super::sqlite_direct::{Direct, PositionRow};
 use super::wal_sync::{SyncHealth, WalSync, SYNC_NOW};
 use super::{
@@ -57,10 +59,10 @@ const WRITE_QUEUE: usize = 4096;
 const WRITES_PER_COMMIT: usize = 512;
 /// Pages in the write-ahead log that make a commit checkpoint it into the
 /// database file. A checkpoint syncs both files on the writer's thread,
-/// which holds up the rounds behind it, so they are kept rare (SQLite's
-/// default is 1,000 pages, a few hundred commits); the log takes about
-/// 22 MiB on disk (43 MiB with 4 KiB pages). The checkpointer has copied
-/// most pages by then.
+/// which holds up the rounds behind it, so this is only the fallback: the
+/// checkpointer has the log start over long before
+/// ([`checkpoint::RESTART_AT`]), unless reads keep it from doing so. The
+/// log takes up to about 22 MiB on disk (43 MiB with 4 KiB pages).
 const CHECKPOINT_PAGES: u64 = 10_000;
 /// The page size of a new database file. A message is one row of the
 /// messages table, kept in mailbox order, so the rows of one commit for
@@ -72,8 +74,6 @@ const CHECKPOINT_PAGES: u64 = 10_000;
 /// fuller pages, halved the rate of batches. A database made with another
 /// page size keeps it: the size of a file in WAL mode cannot change.
 const PAGE_SIZE: u32 = 2048;
-/// How often the checkpointer copies the log into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// How far the message sequence jumps at every start. A round is visible
 /// before it is durable (see [`WalSync`]), so a power loss can take back
 /// rows that polls were shown, seqs included; were those seqs given again
@@ -345,14 +345,19 @@ impl SqliteStore {
         let checkpointer = SqliteConnection::connect_with(&options).await?;
         let wrote = Arc::new(Notify::new());
         let writer_wrote = wrote.clone();
+        let (pauses, pause_asks) = checkpoint::pauses();
         on_ingest(async move {
             let seqs = Seqs { next: floor + 1 };
-            run_writer(writer, rx, writer_memory, seqs, sync, &writer_wrote).await;
+            let queues = Queues {
+                writes: rx,
+                pauses: pause_asks,
+            };
+            run_writer(writer, queues, writer_memory, seqs, sync, &writer_wrote).await;
             // The store is gone: the checkpointer ends too.
             writer_wrote.notify_one();
         })?;
         on_ingest(answering.run())?;
-        on_ingest(run_checkpointer(checkpointer, wrote, tx.downgrade()))?;
+        on_ingest(checkpoint::run(checkpointer, wrote, pauses))?;
         Ok(SqliteStore {
             path,
             options,
@@ -441,14 +446,15 @@ impl SqliteStore {
 /// hands the connection back and goes through sqlx.
 async fn run_writer(
     mut conn: SqliteConnection,
-    rx: mpsc::Receiver<Queued>,
+    queues: Queues,
     memory: Arc<InMemory>,
     seqs: Seqs,
     sync: WalSync,
     wrote: &Notify,
 ) {
     let mut writer = Writer {
-        rx,
+        rx: queues.writes,
+        pauses: queues.pauses,
         memory,
         seqs,
         sync,
@@ -494,35 +500,6 @@ async fn run_writer(
     }
 }
 
-/// Copies the write-ahead log into the database file [`CHECKPOINT_EVERY`]
-/// after the writer `wrote`, on a connection of its own (its sqlx worker
-/// thread does the work), beside the writer: a passive checkpoint never
-/// holds a commit up. The writer's own checkpoint, at [`CHECKPOINT_PAGES`],
-/// then finds most pages copied and the file synced, and holds the rounds
-/// behind it only briefly; before, it copied and synced 10,000 pages there,
-/// and the notifies queued behind it waited (the longest deliveries at
-/// 1,000 notifies a second). Nothing runs while nothing is written. Ends
-/// once the store is dropped.
-async fn run_checkpointer(
-    mut conn: SqliteConnection,
-    wrote: Arc<Notify>,
-    store: mpsc::WeakSender<Queued>,
-) {
-    loop {
-        wrote.notified().await;
-        tokio::time::sleep(CHECKPOINT_EVERY).await;
-        if store.upgrade().is_none() {
-            return;
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(error = %e, "cannot checkpoint the write-ahead log; the writer will");
-        }
-    }
-}
-
 /// Where a round's statements run.
 enum Exec<'a, 'h> {
     /// Through sqlx, on its worker thread: any write.
@@ -538,13 +515,22 @@ enum Event {
     Ops,
     /// The waiting positions are due to be written.
     PositionsDue,
+    /// The checkpointer asks the writer to hold still between rounds.
+    Pause(Pause),
     /// The store is gone.
     Closed,
+}
+
+/// What the writer takes its work from.
+struct Queues {
+    writes: mpsc::Receiver<Queued>,
+    pauses: PauseAsks,
 }
 
 /// The writer's state between rounds.
 struct Writer<'w> {
     rx: mpsc::Receiver<Queued>,
+    pauses: PauseAsks,
     /// Told after every round and write of positions (the checkpointer).
     wrote: &'w Notify,
     memory: Arc<InMemory>,
@@ -558,17 +544,23 @@ struct Writer<'w> {
 
 impl Writer<'_> {
     async fn next_event(&mut self) -> Event {
-        // `recv_many` is cancel-safe: a timeout loses nothing.
+        // `recv_many` is cancel-safe: a timeout or a pause loses nothing.
         let receive = self.rx.recv_many(&mut self.ops, WRITES_PER_COMMIT);
-        let received = match self.positions_due {
-            None => receive.await,
-            Some(due) => match tokio::time::timeout_at(due, receive).await {
-                Ok(received) => received,
-                Err(_) => {
-                    self.positions_due = None;
-                    return Event::PositionsDue;
-                }
-            },
+        let due = self.positions_due;
+        let receive = async move {
+            match due {
+                None => Some(receive.await),
+                Some(due) => tokio::time::timeout_at(due, receive).await.ok(),
+            }
+        };
+        let received = tokio::select! {
+            biased;
+            Some(pause) = self.pauses.recv() => return Event::Pause(pause),
+            received = receive => received,
+        };
+        let Some(received) = received else {
+            self.positions_due = None;
+            return Event::PositionsDue;
         };
         if received == 0 {
             return Event::Closed;
@@ -601,8 +593,12 @@ impl Writer<'_> {
 
     /// Carry out `event`; false once the writer is done.
     async fn handle(&mut self, exec: &mut Exec<'_, '_>, event: Event) -> bool {
-        self.wrote.notify_one();
+        // A pause writes nothing for the checkpointer to copy.
+        if !matches!(event, Event::Pause(_)) {
+            self.wrote.notify_one();
+        }
         match event {
+            Event::Pause(pause) => pause.hold().await,
             Event::Ops => self.round(exec).await,
             Event::PositionsDue => {
                 let slot = self.sync.slot().await;
@@ -1876,11 +1872,62 @@ mod tests {
         accepted.durable.wait().await.unwrap();
         let waited = std::time::Instant::now();
         while size() == before && waited.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(CHECKPOINT_EVERY).await;
+            tokio::time::sleep(checkpoint::CHECKPOINT_EVERY).await;
         }
         assert!(
             size() > before,
             "the database file still has {before} bytes"
+        );
+    }
+
+    /// While commits keep coming, the checkpointer has the log start over
+    /// well before it is long enough for the writer's own checkpoint.
+    #[tokio::test]
+    async fn the_log_starts_over_while_commits_keep_coming() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("pns.db");
+        let wal = dir.path().join("pns.db-wal");
+        let store = Arc::new(
+            SqliteStore::open(&format!("sqlite://{}", db.display()))
+                .await
+                .unwrap(),
+        );
+        // The log's header counts the times it started over.
+        let restarts = || {
+            let mut head = [0u8; 16];
+            std::fs::File::open(&wal)
+                .unwrap()
+                .read_exact(&mut head)
+                .unwrap();
+            u32::from_be_bytes([head[12], head[13], head[14], head[15]])
+        };
+        let before = restarts();
+        // One mailbox: each commit adds about one frame (more at a split),
+        // so these stay far below the writer's CHECKPOINT_PAGES.
+        const MESSAGES: usize = 8_000;
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let senders: Vec<_> = (0..4)
+            .map(|_| {
+                let (store, sent) = (store.clone(), sent.clone());
+                tokio::spawn(async move {
+                    while sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < MESSAGES {
+                        store.accept(vec![plain("a", 1)], 1_000).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut started_over = false;
+        while !started_over && sent.load(std::sync::atomic::Ordering::Relaxed) < MESSAGES {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            started_over = restarts() > before;
+        }
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        assert!(
+            started_over,
+            "the log did not start over within {MESSAGES} commits"
         );
     }
 
