@@ -348,11 +348,16 @@ impl SqliteStore {
         let (pauses, pause_asks) = checkpoint::pauses();
         on_ingest(async move {
             let seqs = Seqs { next: floor + 1 };
-            let queues = Queues {
-                writes: rx,
-                pauses: pause_asks,
-            };
-            run_writer(writer, queues, writer_memory, seqs, sync, &writer_wrote).await;
+            run_writer(
+                writer,
+                rx,
+                pause_asks,
+                writer_memory,
+                seqs,
+                sync,
+                &writer_wrote,
+            )
+            .await;
             // The store is gone: the checkpointer ends too.
             writer_wrote.notify_one();
         })?;
@@ -446,15 +451,16 @@ impl SqliteStore {
 /// hands the connection back and goes through sqlx.
 async fn run_writer(
     mut conn: SqliteConnection,
-    queues: Queues,
+    rx: mpsc::Receiver<Queued>,
+    pauses: PauseAsks,
     memory: Arc<InMemory>,
     seqs: Seqs,
     sync: WalSync,
     wrote: &Notify,
 ) {
     let mut writer = Writer {
-        rx: queues.writes,
-        pauses: queues.pauses,
+        rx,
+        pauses,
         memory,
         seqs,
         sync,
@@ -521,15 +527,10 @@ enum Event {
     Closed,
 }
 
-/// What the writer takes its work from.
-struct Queues {
-    writes: mpsc::Receiver<Queued>,
-    pauses: PauseAsks,
-}
-
 /// The writer's state between rounds.
 struct Writer<'w> {
     rx: mpsc::Receiver<Queued>,
+    /// The checkpointer's asks to hold still ([`checkpoint`]).
     pauses: PauseAsks,
     /// Told after every round and write of positions (the checkpointer).
     wrote: &'w Notify,
