@@ -33,8 +33,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// Frames in the log that make the checkpointer have it start over: at
 /// 1,000 lone notifies a second (about two frames each) a pause every two
-/// seconds, of a millisecond or two. Small in tests, which cannot write
-/// thousands of frames quickly.
+/// seconds, of a millisecond or two. Small in tests, whose writes must
+/// stay far below the writer's own checkpoint.
 pub const RESTART_AT: i64 = if cfg!(test) { 64 } else { 4_000 };
 /// The longest the writer waits for the checkpointer in a pause: at
 /// 1,000 notifies a second, a notify or two wait up to this every couple
@@ -54,7 +54,7 @@ pub struct Pauses(mpsc::Sender<Pause>);
 pub struct Pause {
     /// Told once the writer is between rounds.
     paused: oneshot::Sender<()>,
-    /// Dropped once the checkpointer's pass is over.
+    /// Ends (its sender dropped) once the checkpointer's pass is over.
     over: oneshot::Receiver<()>,
 }
 
@@ -68,20 +68,14 @@ pub fn pauses() -> (Pauses, PauseAsks) {
 
 impl Pauses {
     /// Wait until the writer is between rounds and holds still; it goes on
-    /// when the returned guard is dropped or [`PAUSE_AT_MOST`] passed.
+    /// once the returned sender is dropped or [`PAUSE_AT_MOST`] passed.
     /// `None` if the writer is gone.
     async fn ask(&self) -> Option<oneshot::Sender<()>> {
         let (paused, granted) = oneshot::channel();
-        let (over, until) = oneshot::channel();
-        self.0
-            .send(Pause {
-                paused,
-                over: until,
-            })
-            .await
-            .ok()?;
+        let (pass_over, over) = oneshot::channel();
+        self.0.send(Pause { paused, over }).await.ok()?;
         granted.await.ok()?;
-        Some(over)
+        Some(pass_over)
     }
 }
 
