@@ -49,18 +49,28 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         if !self.enabled() {
             return Ok(());
         }
-        let burst = f64::from(self.rate.burst);
         let idx = (self.hasher.hash_one(key) as usize) % self.shards.len();
         let mut shard = self.shards[idx].lock().unwrap_or_else(|p| p.into_inner());
-        if !shard.contains_key(key) && shard.len() >= self.per_shard {
+        // A key seen before (every poll but a session's first) is not
+        // cloned: for a session, that would be an allocation per poll.
+        if let Some(bucket) = shard.get_mut(key) {
+            return self.take(bucket, now);
+        }
+        if shard.len() >= self.per_shard {
             self.make_room(&mut shard, now);
         }
         let bucket = shard.entry(key.clone()).or_insert(Bucket {
-            tokens: burst,
+            tokens: f64::from(self.rate.burst),
             last: now,
         });
+        self.take(bucket, now)
+    }
+
+    /// Refill `bucket` for the time since its last poll and take a token.
+    fn take(&self, bucket: &mut Bucket, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate.per_sec).min(burst);
+        bucket.tokens =
+            (bucket.tokens + elapsed * self.rate.per_sec).min(f64::from(self.rate.burst));
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;

@@ -7,7 +7,7 @@
 //! `other`, so a client cannot grow the scrape without end.
 
 use crate::ingest::Source;
-use foldhash::HashSet;
+use foldhash::HashMap;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -106,7 +106,9 @@ pub struct Metrics {
     sessions_active: Gauge,
     poll_answers: Family<OutcomeLabel, Counter>,
     polls_by_come_from: Family<ComeFromLabel, Counter>,
-    come_from_seen: RwLock<HashSet<String>>,
+    /// The counters of `polls_by_come_from` by label, each made on first
+    /// use, so that counting a poll builds no label.
+    come_from_seen: RwLock<HashMap<String, Counter>>,
     rate_limited: Family<ScopeLabel, Counter>,
     accepted: Family<SourceLabel, Counter>,
     pub duplicates: Counter,
@@ -286,59 +288,52 @@ impl Metrics {
 
     /// Count a poll under its client tag (already sanitised), within the cap.
     pub fn polled_from(&self, come_from: Option<&str>) {
-        let label = match come_from {
-            None => NO_COME_FROM.to_owned(),
-            Some(c) => {
-                let known = self
-                    .come_from_seen
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(c);
-                if known {
-                    c.to_owned()
-                } else {
-                    let mut seen = self
-                        .come_from_seen
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner());
-                    if seen.contains(c) || seen.len() < MAX_COME_FROM_LABELS {
-                        seen.insert(c.to_owned());
-                        c.to_owned()
-                    } else {
-                        OTHER_COME_FROM.to_owned()
-                    }
-                }
-            }
-        };
-        self.polls_by_come_from
-            .get_or_create(&ComeFromLabel { come_from: label })
+        let label = come_from.unwrap_or(NO_COME_FROM);
+        // On every poll: a read lock and a lookup, nothing allocated.
+        if let Some(counter) = self
+            .come_from_seen
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(label)
+        {
+            counter.inc();
+            return;
+        }
+        let mut seen = self
+            .come_from_seen
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let tags = seen
+            .keys()
+            .filter(|k| *k != NO_COME_FROM && *k != OTHER_COME_FROM)
+            .count();
+        let label =
+            if come_from.is_none() || seen.contains_key(label) || tags < MAX_COME_FROM_LABELS {
+                label
+            } else {
+                OTHER_COME_FROM
+            };
+        seen.entry(label.to_owned())
+            .or_insert_with(|| {
+                self.polls_by_come_from
+                    .get_or_create(&ComeFromLabel {
+                        come_from: label.to_owned(),
+                    })
+                    .clone()
+            })
             .inc();
     }
 
     /// Polls by client tag so far, largest first.
     pub fn come_from_counts(&self) -> Vec<(String, u64)> {
-        let seen: Vec<String> = self
+        let mut out: Vec<(String, u64)> = self
             .come_from_seen
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .cloned()
-            .chain([NO_COME_FROM.to_owned(), OTHER_COME_FROM.to_owned()])
-            .collect();
-        let mut out: Vec<(String, u64)> = seen
-            .into_iter()
-            .filter_map(|c| {
-                let n = self
-                    .polls_by_come_from
-                    .get(&ComeFromLabel {
-                        come_from: c.clone(),
-                    })
-                    .map(|m| m.get())?;
-                Some((c, n))
-            })
+            .map(|(label, counter)| (label.clone(), counter.get()))
             .collect();
         out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        out.dedup_by(|a, b| a.0 == b.0);
         out
     }
 

@@ -78,7 +78,7 @@ impl SessionRegistry {
             if self.live(a, now_ms) {
                 a.last_poll_ms = now_ms;
                 a.address = address;
-                if let Some(c) = come_from {
+                if let Some(c) = come_from.filter(|c| a.come_from.as_deref() != Some(*c)) {
                     a.come_from = Some(c.to_owned());
                 }
                 return;
