@@ -15,7 +15,7 @@
 //!    concurrent single publishes.
 
 use crate::conn::{source_addr, Conn};
-use crate::report::{self, Phase, RatePhase, TargetReport};
+use crate::report::{self, Phase, RampCpu, RatePhase, TargetReport};
 use crate::servers::{self, Server};
 use crate::stats;
 use crate::worker::{Cmd, Counts, Event, WorkerReport};
@@ -277,10 +277,21 @@ async fn measure_server(
         crate::procstat::pss_kib(&pids),
     );
 
+    // The load tool's own processes: this one (the senders) and the workers.
+    let tool_pids: Vec<u32> = std::iter::once(std::process::id())
+        .chain(workers.pids())
+        .collect();
+    let tool_cpu = || crate::procstat::cpu_secs(&tool_pids);
+
     eprintln!("pns-load: {name}: ramping up {n} held polls with {worker_count} worker(s)");
+    let (ramp_server_c, ramp_tool_c) = (crate::procstat::cpu_secs(&pids), tool_cpu());
     workers.tell(&Cmd::Hold).await?;
     let limit = Duration::from_secs(args.phase_limit_secs);
     let (held, ramp) = until_all_held(&ingest, &mut control, n, limit, RAMP_LOOK_EVERY).await?;
+    let ramp_cpu = RampCpu {
+        server_s: crate::procstat::cpu_secs(&pids) - ramp_server_c,
+        load_tool_s: tool_cpu() - ramp_tool_c,
+    };
     if ramp.is_none() {
         let c = workers.counts().await?;
         eprintln!(
@@ -303,7 +314,12 @@ async fn measure_server(
 
     let mut senders = open_senders(octet, server, args.senders).await?;
     let mut expected = 0u64;
-    let cpu = || crate::procstat::cpu_secs(&pids);
+    // Server and load tool CPU seconds so far.
+    let cpu = || (crate::procstat::cpu_secs(&pids), tool_cpu());
+    let cpu_since = |(server, tool): (f64, f64)| {
+        let now = cpu();
+        (now.0 - server, now.1 - tool)
+    };
 
     // 1. One message to every user, as fast as it goes.
     let (t, c) = (Instant::now(), cpu());
@@ -323,7 +339,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "single")
         .await?;
     let single_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let single_cpu = cpu() - c;
+    let single_cpu = cpu_since(c);
 
     // 2. A fixed rate, each message stamped with when it was due.
     let total = u64::from(args.rate) * u64::from(args.rate_secs);
@@ -342,7 +358,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "rate")
         .await?;
     let rate_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let rate_cpu = cpu() - c;
+    let rate_cpu = cpu_since(c);
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
@@ -364,7 +380,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "batch")
         .await?;
     let batch_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let batch_cpu = cpu() - c;
+    let batch_cpu = cpu_since(c);
     drop(senders);
     // The polls are held again by now; what answering them left behind,
     // once the allocators had time to hand back what the bursts used.
@@ -392,21 +408,27 @@ async fn measure_server(
     let mut all_acked = single.acked.clone();
     all_acked.extend(&rate.acked);
     all_acked.extend(&batch.acked);
-    let mut phase =
-        |sent: &Sent, secs: f64, held_again_s: Option<f64>, cpu: f64, p: u8, mode: &'static str| {
-            Phase {
-                messages: sent.acked.len() as u64,
-                held_again_s,
-                server_cpu_us_per_msg: cpu * 1e6 / (sent.acked.len().max(1) as f64),
-                seconds: secs,
-                per_s: sent.acked.len() as f64 / secs.max(1e-9),
-                mode,
-                errors: sent.errors,
-                delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
-                latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
-                ack_latency: stats::latency(sent.ack_us.clone()),
-            }
-        };
+    let mut phase = |sent: &Sent,
+                     secs: f64,
+                     held_again_s: Option<f64>,
+                     cpu: (f64, f64),
+                     p: u8,
+                     mode: &'static str| {
+        let per_msg = |secs: f64| secs * 1e6 / (sent.acked.len().max(1) as f64);
+        Phase {
+            messages: sent.acked.len() as u64,
+            held_again_s,
+            server_cpu_us_per_msg: per_msg(cpu.0),
+            load_tool_cpu_us_per_msg: per_msg(cpu.1),
+            seconds: secs,
+            per_s: sent.acked.len() as f64 / secs.max(1e-9),
+            mode,
+            errors: sent.errors,
+            delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
+            latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
+            ack_latency: stats::latency(sent.ack_us.clone()),
+        }
+    };
     let single_phase = phase(
         &single,
         single_secs,
@@ -445,6 +467,7 @@ async fn measure_server(
         workers: worker_count,
         held,
         ramp_s: ramp,
+        ramp_cpu,
         rss_idle_kib: rss_idle,
         rss_held_kib: rss_held,
         rss_per_poll_kib: per_poll(rss_idle, rss_held),
@@ -710,6 +733,11 @@ impl Workers {
             p.stdin.flush().await?;
         }
         Ok(())
+    }
+
+    /// The workers' process ids (those still running).
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().filter_map(|p| p.child.id()).collect()
     }
 
     async fn counts(&mut self) -> anyhow::Result<Counts> {

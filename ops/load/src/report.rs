@@ -24,6 +24,10 @@ pub struct Phase {
     /// Server CPU time spent in the phase (until its messages arrived and
     /// every poll was held again), per message, in µs.
     pub server_cpu_us_per_msg: f64,
+    /// The load tool's CPU time in the same span, per message, in µs: the
+    /// tool shares the machine's cores with the server, so what it spends
+    /// bounds the server's throughput too.
+    pub load_tool_cpu_us_per_msg: f64,
     pub delivery: Delivery,
     /// Notify sent (or due, when the server held it back) → message in
     /// the poller's hands.
@@ -45,6 +49,13 @@ pub struct RatePhase {
     pub phase: Phase,
 }
 
+/// CPU time spent from the start of the ramp until every poll was held.
+#[derive(Debug, Default, Serialize)]
+pub struct RampCpu {
+    pub server_s: f64,
+    pub load_tool_s: f64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct TargetReport {
     pub target: &'static str,
@@ -56,6 +67,7 @@ pub struct TargetReport {
     pub held: u64,
     /// Seconds until every poll was held; `None` if they never all were.
     pub ramp_s: Option<f64>,
+    pub ramp_cpu: RampCpu,
     pub rss_idle_kib: u64,
     pub rss_held_kib: u64,
     pub rss_per_poll_kib: f64,
