@@ -125,24 +125,20 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<Ready<Result<Response, Infallible>>, Answer>;
+    type Future = Answer;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let app = &self.checks.app;
-        if let Some(refused) = refusal_before_body(app, self.checks.refuse, request.headers()) {
-            return Either::Left(std::future::ready(Ok(refused)));
-        }
         // The ready service goes into the future; a clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let app = app.clone();
-        Either::Right(Box::pin(async move {
+        let (app, refuse) = (self.checks.app.clone(), self.checks.refuse);
+        Box::pin(async move {
             let (parts, body) = request.into_parts();
-            match read_body(&app, body).await {
+            match checked_body(&app, refuse, &parts.headers, body).await {
                 Ok(bytes) => {
                     inner
                         .call(Request::from_parts(parts, Body::from(bytes)))
@@ -150,29 +146,33 @@ where
                 }
                 Err(refused) => Ok(refused),
             }
-        }))
+        })
     }
 }
 
-/// The internal checks that need only the head: `refuse` (the caller's
-/// credentials), then the announced length.
-pub fn refusal_before_body(
+/// The internal listener's checks of one request, in order: `refuse`
+/// (the caller's credentials) and the announced length before anything
+/// is read, then the whole body, read within the body timeout and size
+/// limit. The body, or the answer that refuses the request.
+pub async fn checked_body(
     app: &App,
     refuse: fn(&App, &HeaderMap) -> Option<Response>,
     headers: &HeaderMap,
-) -> Option<Response> {
+    body: Body,
+) -> Result<axum::body::Bytes, Response> {
     if let Some(refused) = refuse(app, headers) {
-        return Some(refused);
+        return Err(refused);
     }
     let max = app.config.limits.max_body_bytes;
-    content_length(headers)
-        .is_some_and(|n| n > max as u64)
-        .then(|| too_large(max))
+    if content_length(headers).is_some_and(|n| n > max as u64) {
+        return Err(too_large(max));
+    }
+    read_body(app, body).await
 }
 
 /// The whole body, read within the body timeout and size limit, or the
 /// answer that refuses it.
-pub async fn read_body(app: &App, body: Body) -> Result<axum::body::Bytes, Response> {
+async fn read_body(app: &App, body: Body) -> Result<axum::body::Bytes, Response> {
     let limits = &app.config.limits;
     let (max, timeout) = (limits.max_body_bytes, limits.body_timeout);
     let read = http_body_util::Limited::new(body, max).collect();

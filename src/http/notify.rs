@@ -91,15 +91,11 @@ impl Endpoint {
     /// `no-store`: what the router's checks layer and handler give.
     async fn answer(self, app: Arc<App>, req: Request<Body>) -> Response {
         let (parts, body) = req.into_parts();
-        if let Some(refused) =
-            super::limits::refusal_before_body(&app, self.refuse(), &parts.headers)
-        {
-            return refused;
-        }
-        let bytes = match super::limits::read_body(&app, body).await {
-            Ok(bytes) => bytes,
-            Err(refused) => return refused,
-        };
+        let bytes =
+            match super::limits::checked_body(&app, self.refuse(), &parts.headers, body).await {
+                Ok(bytes) => bytes,
+                Err(refused) => return refused,
+            };
         match self {
             Endpoint::Api => notify(State(app), parts.headers, Ok(bytes))
                 .await
