@@ -313,15 +313,19 @@ impl Metrics {
             } else {
                 OTHER_COME_FROM
             };
-        seen.entry(label.to_owned())
-            .or_insert_with(|| {
-                self.polls_by_come_from
-                    .get_or_create(&ComeFromLabel {
-                        come_from: label.to_owned(),
-                    })
-                    .clone()
+        // Another poll may have made it meanwhile, or it is "other".
+        if let Some(counter) = seen.get(label) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .polls_by_come_from
+            .get_or_create(&ComeFromLabel {
+                come_from: label.to_owned(),
             })
-            .inc();
+            .clone();
+        counter.inc();
+        seen.insert(label.to_owned(), counter);
     }
 
     /// Polls by client tag so far, largest first.
