@@ -15,7 +15,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// a message is allocated on the ingest thread and freed on the polls'
 /// thread, and the trimming sent the blocks back to the arena only for the
 /// next allocations to fetch them again. Server CPU per notify at 1,000 a
-/// second went down in 6 of 6 pairs of rounds (docs/BENCHMARKS.md, ²⁷).
+/// second went down 3–7 % at the medians of three sets of pairs of rounds,
+/// less than it spreads between runs (docs/BENCHMARKS.md, ²⁷).
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_OPTIONS: JemallocOptions =
     JemallocOptions(c"experimental_tcache_gc:false,lg_tcache_nslots_mul:2".as_ptr());
