@@ -281,16 +281,27 @@ async fn measure_server(
     let tool_pids: Vec<u32> = std::iter::once(std::process::id())
         .chain(workers.pids())
         .collect();
-    let tool_cpu = || crate::procstat::cpu_secs(&tool_pids);
+    // Server (its processes `pids`) and load tool CPU seconds so far, and since.
+    let cpu = |pids: &[u32]| {
+        (
+            crate::procstat::cpu_secs(pids),
+            crate::procstat::cpu_secs(&tool_pids),
+        )
+    };
+    let cpu_since = |pids: &[u32], (server, tool): (f64, f64)| {
+        let now = cpu(pids);
+        (now.0 - server, now.1 - tool)
+    };
 
     eprintln!("pns-load: {name}: ramping up {n} held polls with {worker_count} worker(s)");
-    let (ramp_server_c, ramp_tool_c) = (crate::procstat::cpu_secs(&pids), tool_cpu());
+    let c = cpu(&pids);
     workers.tell(&Cmd::Hold).await?;
     let limit = Duration::from_secs(args.phase_limit_secs);
     let (held, ramp) = until_all_held(&ingest, &mut control, n, limit, RAMP_LOOK_EVERY).await?;
+    let (server_s, load_tool_s) = cpu_since(&pids, c);
     let ramp_cpu = RampCpu {
-        server_s: crate::procstat::cpu_secs(&pids) - ramp_server_c,
-        load_tool_s: tool_cpu() - ramp_tool_c,
+        server_s,
+        load_tool_s,
     };
     if ramp.is_none() {
         let c = workers.counts().await?;
@@ -314,15 +325,9 @@ async fn measure_server(
 
     let mut senders = open_senders(octet, server, args.senders).await?;
     let mut expected = 0u64;
-    // Server and load tool CPU seconds so far.
-    let cpu = || (crate::procstat::cpu_secs(&pids), tool_cpu());
-    let cpu_since = |(server, tool): (f64, f64)| {
-        let now = cpu();
-        (now.0 - server, now.1 - tool)
-    };
 
     // 1. One message to every user, as fast as it goes.
-    let (t, c) = (Instant::now(), cpu());
+    let (t, c) = (Instant::now(), cpu(&pids));
     let (conns, single) = send_singles(
         ingest.clone(),
         senders,
@@ -339,7 +344,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "single")
         .await?;
     let single_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let single_cpu = cpu_since(c);
+    let single_cpu = cpu_since(&pids, c);
 
     // 2. A fixed rate, each message stamped with when it was due.
     let total = u64::from(args.rate) * u64::from(args.rate_secs);
@@ -349,7 +354,7 @@ async fn measure_server(
             (u, RATE, phase_base(RATE) + i)
         })
         .collect();
-    let (t, c) = (Instant::now(), cpu());
+    let (t, c) = (Instant::now(), cpu(&pids));
     let (conns, rate) = send_singles(ingest.clone(), senders, plan, Some(args.rate)).await;
     senders = conns;
     let rate_secs = t.elapsed().as_secs_f64();
@@ -358,14 +363,14 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "rate")
         .await?;
     let rate_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let rate_cpu = cpu_since(c);
+    let rate_cpu = cpu_since(&pids, c);
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
     let plan: Vec<(u32, u8, u64)> = (0..u64::from(batch_total))
         .map(|i| ((i % u64::from(n)) as u32, BATCH, phase_base(BATCH) + i))
         .collect();
-    let (t, c) = (Instant::now(), cpu());
+    let (t, c) = (Instant::now(), cpu(&pids));
     let (batch, batch_mode) = match kind {
         TargetKind::Pns => (send_batches(server, octet, args, plan).await?, "batches"),
         TargetKind::Nchan => {
@@ -380,7 +385,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "batch")
         .await?;
     let batch_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let batch_cpu = cpu_since(c);
+    let batch_cpu = cpu_since(&pids, c);
     drop(senders);
     // The polls are held again by now; what answering them left behind,
     // once the allocators had time to hand back what the bursts used.
