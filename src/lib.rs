@@ -32,6 +32,8 @@
 //!   listener's own HTTP/1 front, and each listener's direct route, offered
 //!   every request before the router (`http::DirectPoll`,
 //!   `http::DirectNotify`).
+//! - [`closed_loop`]: whether a request's sender waits for each answer
+//!   before it sends again, which the SQLite store's log sync heeds.
 //! - [`address`]: the client address, through trusted reverse proxies.
 //! - [`limits`]: per-session and per-address poll rate limits.
 //! - [`registry`]: who polls this node, for the session list and metrics.
@@ -46,6 +48,7 @@ pub mod address;
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod closed_loop;
 pub mod cluster;
 pub mod config;
 pub mod http;

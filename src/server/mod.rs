@@ -97,13 +97,17 @@ impl Listener {
     {
         let router = self.router.clone();
         let direct = self.direct.clone();
+        let answers = Arc::new(crate::closed_loop::Connection::default());
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let mut req = req.map(Body::new);
-            if let Some(direct) = direct.as_ref().filter(|d| d.takes(&req)) {
-                return Either::Left(direct.answer(req, peer).map(Ok));
-            }
-            req.extensions_mut().insert(ConnectInfo(peer));
-            Either::Right(router.clone().oneshot(req))
+            let answering = match direct.as_ref().filter(|d| d.takes(&req)) {
+                Some(direct) => Either::Left(direct.answer(req, peer).map(Ok)),
+                None => {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    Either::Right(router.clone().oneshot(req))
+                }
+            };
+            answers.clone().answer(answering)
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);

@@ -35,7 +35,7 @@ use super::positions::{Known, Positions, Waiting};
 use super::recent::Recent;
 use super::sqlite_checkpoint::{self as checkpoint, Pause, PauseAsks};
 use super::sqlite_direct::{Direct, PositionRow};
-use super::wal_sync::{SyncHealth, WalSync, SYNC_NOW};
+use super::wal_sync::{SyncHealth, Waiters, WalSync, SYNC_NOW};
 use super::{
     new_message_id, Acceptance, Accepted, Durable, MessageStore, NewMessage, OpaqueSession,
     PurgeReport, RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
@@ -209,8 +209,9 @@ enum WriteOp {
 
 /// What the writer's queue carries.
 enum Queued {
-    /// A write its caller waits for, committed in the next round.
-    Write(WriteOp),
+    /// A write its caller waits for, committed in the next round, and
+    /// whether that caller is a sender in a loop ([`crate::closed_loop`]).
+    Write { op: WriteOp, in_a_loop: bool },
     /// Positions wait in memory to be written (see the module comment):
     /// the first of them (`now: false`, written within
     /// [`POSITIONS_LINGER`]), or enough for a statement (`now: true`).
@@ -410,7 +411,12 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> WriteOp,
     ) -> StoreResult<T> {
-        self.ask(|reply| Queued::Write(op(reply))).await
+        let in_a_loop = crate::closed_loop::in_a_loop();
+        self.ask(|reply| Queued::Write {
+            op: op(reply),
+            in_a_loop,
+        })
+        .await
     }
 
     async fn ask<T>(
@@ -586,8 +592,11 @@ impl Writer<'_> {
     fn needs_sqlx(&self, event: &Event) -> bool {
         matches!(event, Event::Ops)
             && self.ops.iter().any(|q| match q {
-                Queued::Write(WriteOp::Accept { batch, .. }) => !is_plain(batch),
-                Queued::Write(_) => true,
+                Queued::Write {
+                    op: WriteOp::Accept { batch, .. },
+                    ..
+                } => !is_plain(batch),
+                Queued::Write { .. } => true,
                 Queued::PositionsWaiting { .. } | Queued::Flush { .. } => false,
             })
     }
@@ -604,7 +613,7 @@ impl Writer<'_> {
             Event::PositionsDue => {
                 let slot = self.sync.slot().await;
                 let _ = write_positions(exec, &self.memory).await;
-                self.sync.after_sync(slot, 0, Box::new(|_| {}));
+                self.sync.after_sync(slot, Waiters::NONE, Box::new(|_| {}));
             }
             Event::Closed => {
                 // Write out what is left (`sync`, dropped after this, syncs it).
@@ -625,9 +634,14 @@ impl Writer<'_> {
         let mut flushes = Vec::new();
         let mut written = Ok(());
         let mut round = Vec::with_capacity(self.ops.len());
+        // Whether every caller of the round is a sender in a loop.
+        let mut in_loops = true;
         for op in self.ops.drain(..) {
             match op {
-                Queued::Write(op) => round.push(op),
+                Queued::Write { op, in_a_loop } => {
+                    in_loops &= in_a_loop;
+                    round.push(op);
+                }
                 Queued::PositionsWaiting { now: true } => {
                     self.positions_due = Some(Instant::now());
                 }
@@ -722,7 +736,10 @@ impl Writer<'_> {
         }
         sync.after_sync(
             slot,
-            waiting,
+            Waiters {
+                messages: waiting,
+                in_loops,
+            },
             Box::new(move |synced| {
                 for d in after_sync {
                     d.send(synced);

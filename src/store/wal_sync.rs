@@ -22,14 +22,18 @@
 //! (so an idle node sleeps).
 //!
 //! A first round that comes after a quiet spell (no sync for
-//! [`SYNC_DELAY`]) is synced at once: nothing suggests company is coming,
+//! [`LOOP_WINDOW`]) is synced at once: nothing suggests company is coming,
 //! and a delivery agent that sends a notify now and then (Dovecot sends
 //! one per recipient and waits for each answer) would otherwise wait the
 //! whole window each time. Rounds that come more often than that find a
-//! recent sync and wait for the window as before, so the syncs a second
-//! do not grow; that includes the second and later notifies of one agent
-//! sending several back to back, which the sync thread cannot tell from
-//! many agents sending at that rate.
+//! recent sync and wait for the window, so the syncs a second do not grow.
+//!
+//! How long the window is depends on who waits. A sender in a loop
+//! ([`crate::closed_loop`]: the agent sending several back to back) sends
+//! nothing until its answer comes, so its window is short
+//! ([`LOOP_WINDOW`]). Notifies from senders that do not wait on each other
+//! lose nothing by waiting but time, so while one of them waits the window
+//! is longer ([`SYNC_DELAY`]) and each sync serves more of them.
 //!
 //! The answers are run by a task on the writer's thread ([`Answering`]):
 //! the callers waiting for them are tasks there, and waking many tasks of
@@ -65,17 +69,65 @@ pub struct Slot {
 
 struct Round {
     answer: AfterSync,
-    waiting: usize,
+    waiters: Waiters,
     _slot: Slot,
 }
 
+/// Who waits for a round's sync.
+#[derive(Clone, Copy, Debug)]
+pub struct Waiters {
+    /// Messages (or other writes); [`SYNC_NOW`] for a caller that must not
+    /// wait.
+    pub messages: usize,
+    /// Whether each of their callers is a sender in a loop
+    /// ([`crate::closed_loop`]).
+    pub in_loops: bool,
+}
+
+impl Waiters {
+    /// No one: a write nobody waits for.
+    pub const NONE: Waiters = Waiters {
+        messages: 0,
+        in_loops: true,
+    };
+}
+
 /// How long a sync may wait for more rounds to share it, from the first
-/// round handed over (or, while rounds keep coming, from the last sync).
-/// Polls do not wait for syncs, acknowledgements do: a notify that follows
-/// another within this time is acknowledged up to this much later, and at
-/// a steady trickle of notifies each sync (about 50 µs of CPU here, plus
-/// its wake-ups) serves several.
-const SYNC_DELAY: Duration = Duration::from_millis(4);
+/// round handed over (or, while rounds keep coming, from the last sync),
+/// while a sender that is not in a loop waits for it. Polls do not wait
+/// for syncs, acknowledgements do: such a notify is acknowledged up to
+/// this much later, and at a steady stream of notifies each sync (about
+/// 100 µs of CPU here, most of it the disk's flush, plus its wake-ups)
+/// serves several: at 1,000 a second, 10 ms took 12 % off the server's CPU
+/// per notify against 4 ms (`docs/BENCHMARKS.md`).
+const SYNC_DELAY: Duration = Duration::from_millis(10);
+/// The window while every sender waiting is in a loop, and the quiet spell
+/// after which a first round is synced at once. Such a sender sends
+/// nothing until its answer comes, so each millisecond its sync waits is
+/// one it does not send in: 64 senders in loops went 6 % slower with 10 ms.
+const LOOP_WINDOW: Duration = Duration::from_millis(4);
+/// How long a sync waits for company: [`SYNC_DELAY`] and [`LOOP_WINDOW`]
+/// (tests give their own).
+#[derive(Clone, Copy)]
+struct Windows {
+    /// While a sender not in a loop waits.
+    others: Duration,
+    /// While every sender waiting is in a loop.
+    loops: Duration,
+    /// No sync for this long makes the next first round sync at once.
+    quiet: Duration,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows {
+            others: SYNC_DELAY,
+            loops: LOOP_WINDOW,
+            quiet: LOOP_WINDOW,
+        }
+    }
+}
+
 /// Messages waiting that make a sync start at once: a burst is
 /// acknowledged as fast as the disk syncs.
 const SYNC_AT_ONCE: usize = 32;
@@ -100,14 +152,14 @@ impl WalSync {
     ///
     /// The answers wait for the returned [`Answering`] to run.
     pub fn start(wal: &Path, fill_to: u64) -> std::io::Result<(WalSync, Answering)> {
-        WalSync::start_with_window(wal, fill_to, SYNC_DELAY)
+        WalSync::start_with_windows(wal, fill_to, Windows::default())
     }
 
-    /// [`WalSync::start`], with `window` for [`SYNC_DELAY`].
-    fn start_with_window(
+    /// [`WalSync::start`], with `windows` for the constants.
+    fn start_with_windows(
         wal: &Path,
         fill_to: u64,
-        window: Duration,
+        windows: Windows,
     ) -> std::io::Result<(WalSync, Answering)> {
         let file = File::options().read(true).write(true).open(wal)?;
         fill(&file, fill_to)?;
@@ -120,7 +172,7 @@ impl WalSync {
             .name("pns-wal-sync".to_owned())
             .spawn(move || {
                 let _stopped = Stopped(&thread_handover);
-                run(file, &thread_handover, window, &synced, &thread_failed);
+                run(file, &thread_handover, windows, &synced, &thread_failed);
             })?;
         let sync = WalSync {
             handover,
@@ -139,13 +191,12 @@ impl WalSync {
         }
     }
 
-    /// Answer with `answer` once everything committed so far is synced;
-    /// `waiting` is how many messages (or other writes) wait for it, and
-    /// [`SYNC_NOW`] for a caller that must not wait.
-    pub fn after_sync(&self, slot: Slot, waiting: usize, answer: AfterSync) {
+    /// Answer with `answer` once everything committed so far is synced,
+    /// which `waiters` wait for.
+    pub fn after_sync(&self, slot: Slot, waiters: Waiters, answer: AfterSync) {
         let round = Round {
             answer,
-            waiting,
+            waiters,
             _slot: slot,
         };
         let mut pending = match self.handover.pending.lock() {
@@ -155,7 +206,8 @@ impl WalSync {
         if pending.rounds.is_empty() {
             pending.first_at = Some(Instant::now());
         }
-        pending.waiting = pending.waiting.saturating_add(round.waiting);
+        pending.waiting = pending.waiting.saturating_add(round.waiters.messages);
+        pending.outside_loops |= round.waiters.messages > 0 && !round.waiters.in_loops;
         pending.rounds.push(round);
         let wake = match pending.thread {
             Thread::WaitsForARound => true,
@@ -203,6 +255,8 @@ struct Pending {
     rounds: Vec<Round>,
     /// The messages the rounds hold.
     waiting: usize,
+    /// Whether a caller of the rounds is not a sender in a loop.
+    outside_loops: bool,
     /// When the first of the rounds was handed over.
     first_at: Option<Instant>,
     /// What the sync thread is doing, so a round wakes it only when it must.
@@ -211,6 +265,17 @@ struct Pending {
     closed: bool,
     /// The thread has ended.
     stopped: bool,
+}
+
+impl Pending {
+    /// How long the sync may wait for company: `window` when a sender not
+    /// in a loop waits for it, else [`LOOP_WINDOW`] at most.
+    fn window(&self, windows: Windows) -> Duration {
+        match self.outside_loops {
+            true => windows.others,
+            false => windows.loops,
+        }
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -289,7 +354,7 @@ fn fill(file: &File, len: u64) -> std::io::Result<()> {
 fn run(
     wal: File,
     handover: &Handover,
-    window: Duration,
+    windows: Windows,
     synced: &tokio::sync::mpsc::UnboundedSender<Synced>,
     failed: &AtomicBool,
 ) {
@@ -299,7 +364,7 @@ fn run(
     let mut cadence = None;
     let mut last_synced: Option<Instant> = None;
     loop {
-        let Some(rounds) = gather(handover, window, cadence, last_synced) else {
+        let Some(rounds) = gather(handover, windows, cadence, last_synced) else {
             break;
         };
         if rounds.is_empty() {
@@ -334,16 +399,16 @@ fn run(
     }
 }
 
-/// The rounds of the next sync: every round handed over until `window`
-/// after the window starts, or until [`SYNC_AT_ONCE`] messages wait. The
-/// window starts at `cadence` when given (none of the rounds in it wakes
-/// the thread; empty if none came), else at the first round, which the
-/// thread waits for; and a first round that came `window` or more after the
-/// last sync (`last_synced`) has no window. `None` once the store is gone
-/// and every round is synced.
+/// The rounds of the next sync: every round handed over until the window
+/// (of `windows`, by who waits) has passed since it started, or until
+/// [`SYNC_AT_ONCE`] messages wait. The window starts at `cadence` when
+/// given (none of the rounds in it wakes the thread; empty if none came),
+/// else at the first round, which the thread waits for; and a first round
+/// that came a quiet spell or more after the last sync (`last_synced`) has
+/// no window. `None` once the store is gone and every round is synced.
 fn gather(
     handover: &Handover,
-    window: Duration,
+    windows: Windows,
     cadence: Option<Instant>,
     last_synced: Option<Instant>,
 ) -> Option<Vec<Round>> {
@@ -359,8 +424,8 @@ fn gather(
                 pending = handover.wake.wait(pending).ok()?;
             }
             let first_at = pending.first_at.unwrap_or_else(Instant::now);
-            let quiet =
-                last_synced.is_none_or(|at| first_at.saturating_duration_since(at) >= window);
+            let quiet = last_synced
+                .is_none_or(|at| first_at.saturating_duration_since(at) >= windows.quiet);
             if quiet {
                 return Some(take_rounds(&mut pending));
             }
@@ -368,7 +433,7 @@ fn gather(
         }
     };
     while pending.waiting < SYNC_AT_ONCE && !pending.closed {
-        let Some(left) = window.checked_sub(since.elapsed()) else {
+        let Some(left) = pending.window(windows).checked_sub(since.elapsed()) else {
             break;
         };
         pending.thread = Thread::Gathers;
@@ -384,6 +449,7 @@ fn gather(
 fn take_rounds(pending: &mut Pending) -> Vec<Round> {
     pending.thread = Thread::Busy;
     pending.waiting = 0;
+    pending.outside_loops = false;
     pending.first_at = None;
     std::mem::take(&mut pending.rounds)
 }
@@ -392,15 +458,25 @@ fn take_rounds(pending: &mut Pending) -> Vec<Round> {
 mod tests {
     use super::*;
 
+    /// One message, from a sender not in a loop.
+    const ONE: Waiters = Waiters {
+        messages: 1,
+        in_loops: false,
+    };
+    const NOW: Waiters = Waiters {
+        messages: SYNC_NOW,
+        in_loops: false,
+    };
+
     fn started() -> (tempfile::TempDir, WalSync) {
-        started_with_window(SYNC_DELAY)
+        started_with_windows(Windows::default())
     }
 
-    fn started_with_window(window: Duration) -> (tempfile::TempDir, WalSync) {
+    fn started_with_windows(windows: Windows) -> (tempfile::TempDir, WalSync) {
         let dir = tempfile::tempdir().unwrap();
         let wal = dir.path().join("pns.db-wal");
         std::fs::write(&wal, b"").unwrap();
-        let (sync, answering) = WalSync::start_with_window(&wal, 0, window).unwrap();
+        let (sync, answering) = WalSync::start_with_windows(&wal, 0, windows).unwrap();
         tokio::spawn(answering.run());
         (dir, sync)
     }
@@ -421,7 +497,7 @@ mod tests {
         let first = held.remove(0);
         sync.after_sync(
             first,
-            1,
+            ONE,
             Box::new(move |synced| drop(answered.send(synced.clone()))),
         );
         assert_eq!(answer.await.unwrap(), Ok(()));
@@ -447,7 +523,7 @@ mod tests {
             let (answered, answer) = tokio::sync::oneshot::channel();
             sync.after_sync(
                 sync.slot().await,
-                SYNC_NOW,
+                NOW,
                 Box::new(move |synced| drop(answered.send(synced.clone()))),
             );
             let why = answer.await.unwrap().unwrap_err();
@@ -468,7 +544,7 @@ mod tests {
             let (answered, answer) = tokio::sync::oneshot::channel();
             sync.after_sync(
                 sync.slot().await,
-                1,
+                ONE,
                 Box::new(move |synced| drop(answered.send(synced.clone()))),
             );
             answers.push(answer);
@@ -495,7 +571,7 @@ mod tests {
         let (answered, answer) = tokio::sync::oneshot::channel();
         sync.after_sync(
             sync.slot().await,
-            1,
+            ONE,
             Box::new(move |synced| drop(answered.send(synced.clone()))),
         );
         assert_eq!(answer.await.unwrap(), Ok(()));
@@ -507,12 +583,17 @@ mod tests {
     /// the second).
     #[tokio::test]
     async fn a_round_after_a_quiet_spell_does_not_wait_for_the_window() {
-        let (_dir, sync) = started_with_window(Duration::from_secs(3600));
+        let hour = Duration::from_secs(3600);
+        let (_dir, sync) = started_with_windows(Windows {
+            others: hour,
+            loops: hour,
+            quiet: hour,
+        });
         let hand_over = |slot| {
             let (answered, answer) = tokio::sync::oneshot::channel();
             sync.after_sync(
                 slot,
-                1,
+                ONE,
                 Box::new(move |synced| drop(answered.send(synced.clone()))),
             );
             answer
@@ -533,6 +614,46 @@ mod tests {
         assert_eq!(close_behind.await.unwrap(), Ok(()));
     }
 
+    /// A round whose senders are in loops waits [`LOOP_WINDOW`] at most, not
+    /// the window (an hour here); once a sender not in a loop waits beside
+    /// it, the window is the whole hour again.
+    #[tokio::test]
+    async fn senders_in_loops_wait_the_short_window() {
+        let hour = Duration::from_secs(3600);
+        let (_dir, sync) = started_with_windows(Windows {
+            others: hour,
+            loops: Duration::from_millis(10),
+            quiet: hour,
+        });
+        let hand_over = |slot, in_loops| {
+            let (answered, answer) = tokio::sync::oneshot::channel();
+            let waiters = Waiters {
+                messages: 1,
+                in_loops,
+            };
+            sync.after_sync(
+                slot,
+                waiters,
+                Box::new(move |synced| drop(answered.send(synced.clone()))),
+            );
+            answer
+        };
+        let lone = hand_over(sync.slot().await, false);
+        assert_eq!(lone.await.unwrap(), Ok(()), "quiet: synced at once");
+
+        let in_a_loop = hand_over(sync.slot().await, true);
+        let synced = tokio::time::timeout(Duration::from_secs(60), in_a_loop).await;
+        assert_eq!(synced.expect("a sender in a loop waited").unwrap(), Ok(()));
+
+        let mut looping = hand_over(sync.slot().await, true);
+        let not_looping = hand_over(sync.slot().await, false);
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut looping).await;
+        assert!(early.is_err(), "a sender not in a loop waits: so do all");
+        drop(sync);
+        assert_eq!(looping.await.unwrap(), Ok(()));
+        assert_eq!(not_looping.await.unwrap(), Ok(()));
+    }
+
     #[tokio::test]
     async fn every_round_handed_over_is_answered_in_order() {
         let (_dir, sync) = started();
@@ -545,7 +666,7 @@ mod tests {
             let last = if i == 9 { all.take() } else { None };
             sync.after_sync(
                 slot,
-                1,
+                ONE,
                 Box::new(move |synced| {
                     assert_eq!(synced, &Ok(()));
                     order.lock().unwrap().push(i);
