@@ -2,12 +2,13 @@
 //! for each answer before it sends again, as a delivery agent notifying
 //! for one recipient after another does.
 //!
-//! The HTTP server marks each request's task ([`answer`]): in a loop when
-//! the connection's previous answer was ready less than [`LOOP_GAP`]
-//! before the request came. The SQLite store reads the mark ([`in_a_loop`])
-//! for its log's sync: a sync that only such senders wait for gains
-//! nothing by waiting for more notifies to share it, since none of these
-//! senders can send again before it, so it starts at once.
+//! The internal listener marks each request's task
+//! ([`Connection::answer`]): in a loop when the connection's previous
+//! answer was ready less than [`LOOP_GAP`] before the request came. The
+//! SQLite store reads the mark ([`in_a_loop`]) for its log's sync, which
+//! waits for more notifies to share it: not long while only such senders
+//! wait, since none of them sends again before its answer, longer while
+//! a sender not in a loop does (`store::wal_sync`).
 //!
 //! A task-local, not an argument: the mark is about the connection, and it
 //! reaches the store through the ingest path and the store trait, which

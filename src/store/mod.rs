@@ -303,7 +303,7 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Have the store wake `hub` itself after each commit that makes
     /// messages visible, in commit order, with the rows committed
-    /// ([`crate::hub::Hub::wake_for_rows`]); the first hub given is kept.
+    /// ([`crate::hub::Hub::wake_after_commit`]); the first hub given is kept.
     /// False for a store that cannot: then whoever stored a message wakes
     /// its user.
     fn wake_after_commits(&self, _hub: Arc<crate::hub::Hub>) -> bool {
