@@ -268,8 +268,8 @@ struct Pending {
 }
 
 impl Pending {
-    /// How long the sync may wait for company: `window` when a sender not
-    /// in a loop waits for it, else [`LOOP_WINDOW`] at most.
+    /// How long the sync may wait for company: `windows.others` while a
+    /// sender not in a loop waits for it, else `windows.loops`.
     fn window(&self, windows: Windows) -> Duration {
         match self.outside_loops {
             true => windows.others,
@@ -614,9 +614,9 @@ mod tests {
         assert_eq!(close_behind.await.unwrap(), Ok(()));
     }
 
-    /// A round whose senders are in loops waits [`LOOP_WINDOW`] at most, not
-    /// the window (an hour here); once a sender not in a loop waits beside
-    /// it, the window is the whole hour again.
+    /// A round whose senders are in loops waits the short window (10 ms
+    /// here), not the long one (an hour); once a sender not in a loop waits
+    /// beside it, the window is the whole hour again.
     #[tokio::test]
     async fn senders_in_loops_wait_the_short_window() {
         let hour = Duration::from_secs(3600);
