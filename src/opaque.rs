@@ -37,18 +37,31 @@ pub const MAX_TTL_SECS: u64 = 31 * 24 * 3600;
 /// True for a sid shaped like a JWT: three base64url parts, the first two
 /// not empty.
 pub fn looks_like_jwt(sid: &str) -> bool {
-    // On every poll: one pass, nothing allocated.
-    let mut parts = sid.split('.');
-    let (Some(header), Some(claims), Some(_signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // On every poll. The bytes are counted, not searched: without an early
+    // exit the two loops run on whole vector registers, where `split` and
+    // `all` went a byte at a time (about 8 % of the poll thread's
+    // instructions under callgrind, for a sid of 250 bytes).
+    let bytes = sid.as_bytes();
+    let strangers = bytes.iter().filter(|&&b| !is_base64url_or_dot(b)).count();
+    let dots = bytes.iter().filter(|&&b| b == b'.').count();
+    if strangers != 0 || dots != 2 {
         return false;
-    };
-    !header.is_empty()
-        && !claims.is_empty()
-        && sid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    }
+    match bytes.iter().position(|&b| b == b'.') {
+        Some(header_len) => header_len > 0 && bytes.get(header_len + 1) != Some(&b'.'),
+        None => false,
+    }
+}
+
+/// A byte of base64url, or the dot between a JWT's parts.
+fn is_base64url_or_dot(b: u8) -> bool {
+    // `b | 0x20` folds upper case onto lower case (and moves nothing else
+    // into a–z).
+    (b | 0x20).wrapping_sub(b'a') < 26
+        || b.wrapping_sub(b'0') < 10
+        || b == b'-'
+        || b == b'_'
+        || b == b'.'
 }
 
 /// The hex SHA-256 of a sid: how it is stored and named.
@@ -229,6 +242,36 @@ impl OpaqueSessions {
 mod tests {
     use super::*;
 
+    /// The counting check says what splitting and searching says, for
+    /// every string of up to five characters from an alphabet with each
+    /// kind of byte: the parts' characters, the dot, and the bytes just
+    /// outside base64url's ranges (`@` and `[` fold onto `` ` `` and `{`).
+    #[test]
+    fn the_jwt_shape_check_agrees_with_its_definition() {
+        fn by_definition(sid: &str) -> bool {
+            let parts: Vec<&str> = sid.split('.').collect();
+            parts.len() == 3
+                && !parts[0].is_empty()
+                && !parts[1].is_empty()
+                && sid
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        }
+        let alphabet = ['a', 'Z', '9', '-', '_', '.', '@', '[', '`', '{', 'é'];
+        let mut sids = vec![String::new()];
+        let mut longest = vec![String::new()];
+        for _ in 0..5 {
+            longest = (longest.iter())
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            sids.extend(longest.iter().cloned());
+        }
+        assert!(sids.len() > 170_000);
+        for sid in &sids {
+            assert_eq!(looks_like_jwt(sid), by_definition(sid), "{sid:?}");
+        }
+    }
+
     #[test]
     fn jwt_shaped_sids_are_told_apart_from_opaque_ones() {
         assert!(looks_like_jwt("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"));
@@ -236,6 +279,10 @@ mod tests {
         assert!(!looks_like_jwt("3f9a0c1e-5b7d-4c2a-9e8f-0a1b2c3d4e5f"));
         assert!(!looks_like_jwt("a.b"));
         assert!(!looks_like_jwt("a+b.c/d.e"));
+        assert!(!looks_like_jwt(".eyJzdWIiOiJhIn0.c2ln"), "no header");
+        assert!(!looks_like_jwt("eyJhbGciOiJub25lIn0..c2ln"), "no claims");
+        assert!(!looks_like_jwt("a.b.c.d"), "four parts");
+        assert!(!looks_like_jwt("a.b.c\u{e9}"), "not ASCII");
         assert!(check_sid("short").is_err());
         assert!(check_sid("has space in the middle").is_err());
         assert!(check_sid("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln").is_err());
