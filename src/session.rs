@@ -407,8 +407,6 @@ mod tests {
                 claims(json!({"exp": now - EXP_LEEWAY_SECS as i64 - 2})),
                 &secret,
             ));
-            let lean = SessionValidator::new(VerifyKey::Secret(secret.clone()), audience).unwrap();
-            assert!(matches!(lean.check, Check::Hs256(_)));
             let generic = SessionValidator {
                 check: Check::generic(
                     DecodingKey::from_secret(&secret),
@@ -417,20 +415,39 @@ mod tests {
                 ),
                 revoked: RwLock::default(),
             };
+            // The lean check remembers the first header that passed, and
+            // must decide alike before and after: each order on a new
+            // validator, then again on the same.
+            let forward: Vec<&String> = tokens.iter().collect();
+            let backward: Vec<&String> = tokens.iter().rev().collect();
             let mut accepted = 0;
-            for t in &tokens {
-                let ours = format!("{:?}", lean.validate(t));
-                assert_eq!(
-                    ours,
-                    format!("{:?}", generic.validate(t)),
-                    "audience {audience:?}, token {t}"
-                );
-                accepted += usize::from(ours.starts_with("Ok"));
+            for order in [&forward, &backward] {
+                let lean =
+                    SessionValidator::new(VerifyKey::Secret(secret.clone()), audience).unwrap();
+                assert!(matches!(lean.check, Check::Hs256(_)));
+                for t in order.iter().chain(order.iter()) {
+                    let ours = format!("{:?}", lean.validate(t));
+                    assert_eq!(
+                        ours,
+                        format!("{:?}", generic.validate(t)),
+                        "audience {audience:?}, token {t}"
+                    );
+                    accepted += usize::from(ours.starts_with("Ok"));
+                }
             }
             assert!(
-                accepted >= 3,
+                accepted >= 12,
                 "only {accepted} accepted: the cases test nothing"
             );
+            // A header that failed is not remembered as one that passed.
+            let lean = SessionValidator::new(VerifyKey::Secret(secret.clone()), audience).unwrap();
+            let other_alg = signed(json!({"alg": "HS384"}), claims(json!({})), &secret);
+            for _ in 0..2 {
+                assert_eq!(
+                    lean.validate(&other_alg).unwrap_err(),
+                    SessionError::BadSignature
+                );
+            }
         }
     }
 }
