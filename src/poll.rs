@@ -236,7 +236,7 @@ impl AnswerAtCommit for AtCommit {
         let Ok(answer) = with_messages(found, false) else {
             return Err(wake);
         };
-        let Ok(body) = serde_json::to_vec(&answer) else {
+        let Ok(body) = answer.to_json() else {
             return Err(wake);
         };
         let head = app.poll_heads.get(self.head).clone();

@@ -155,7 +155,7 @@ impl DirectRoute for DirectPoll {
         ));
         Box::pin(async move {
             let answered = match hold(&app, admitting).await {
-                Ok(answer) => serde_json::to_vec(&answer).map_err(|e| {
+                Ok(answer) => answer.to_json().map_err(|e| {
                     ApiError::Internal(anyhow::anyhow!("cannot encode an answer: {e}"))
                 }),
                 Err(e) => Err(e),
