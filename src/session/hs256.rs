@@ -15,7 +15,8 @@ pub(super) struct Hs256 {
     key: hmac::Key,
     /// The audience a token must name, if one is configured.
     audience: Option<String>,
-    /// The first header that passed, as it stood in its token. An issuer
+    /// The first header that passed, as it stood in a token whose signature
+    /// passed too. An issuer
     /// gives all its tokens the same header, and whether a header passes
     /// depends on nothing else, so a token with this one skips its decode
     /// and parse (a struct of ten optional fields, on every poll).
@@ -39,9 +40,9 @@ impl Hs256 {
     pub(super) fn decode(&self, token: &str, now_secs: i64) -> Result<Claims, SessionError> {
         let (message, signature) = token.rsplit_once('.').ok_or(SessionError::Malformed)?;
         let (header, payload) = message.rsplit_once('.').ok_or(SessionError::Malformed)?;
-        if self.passed_header.get().map(String::as_str) != Some(header) {
+        let known_header = self.passed_header.get().map(String::as_str) == Some(header);
+        if !known_header {
             check_header(header)?;
-            let _ = self.passed_header.set(header.to_owned());
         }
         let mut tag = [0u8; SIGNATURE_LEN];
         match URL_SAFE_NO_PAD.decode_slice(signature, &mut tag) {
@@ -50,6 +51,11 @@ impl Hs256 {
         }
         hmac::verify(&self.key, message.as_bytes(), &tag)
             .map_err(|_| SessionError::BadSignature)?;
+        if !known_header {
+            // Only once signed: a forged token that came first would
+            // otherwise have every real one take the long way.
+            let _ = self.passed_header.set(header.to_owned());
+        }
         let claims: Claims =
             serde_json::from_slice(&decode_part(payload)?).map_err(|_| SessionError::Malformed)?;
         // jsonwebtoken reads `exp` as an unsigned number: a negative one is
@@ -88,4 +94,38 @@ fn decode_part(part: &str) -> Result<Vec<u8>, SessionError> {
     URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|_| SessionError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `header.claims.signature`, the signature made with `secret`.
+    fn token(header: &str, secret: &[u8]) -> String {
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(r#"{"sub":"a@x","exp":4102444800,"iat":1}"#)
+        );
+        let tag = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, secret),
+            message.as_bytes(),
+        );
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    }
+
+    #[test]
+    fn only_a_signed_token_has_its_header_remembered() {
+        let check = Hs256::new(b"right", None);
+        let forged = token(r#"{"alg":"HS256","kid":"x"}"#, b"wrong");
+        assert_eq!(
+            check.decode(&forged, 0).unwrap_err(),
+            SessionError::BadSignature
+        );
+        assert_eq!(check.passed_header.get(), None);
+        let signed = token(r#"{"alg":"HS256","typ":"JWT"}"#, b"right");
+        assert!(check.decode(&signed, 0).is_ok());
+        let remembered = signed.split('.').next().map(str::to_owned);
+        assert_eq!(check.passed_header.get(), remembered.as_ref());
+    }
 }
