@@ -302,7 +302,11 @@ mod tests {
     }
 
     /// A token of any header and claims, signed with `secret` (HS256).
-    fn signed(header: serde_json::Value, claims: serde_json::Value, secret: &[u8]) -> String {
+    pub(super) fn signed(
+        header: serde_json::Value,
+        claims: serde_json::Value,
+        secret: &[u8],
+    ) -> String {
         use base64::Engine;
         let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
         let message = format!(

@@ -99,33 +99,26 @@ fn decode_part(part: &str) -> Result<Vec<u8>, SessionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `header.claims.signature`, the signature made with `secret`.
-    fn token(header: &str, secret: &[u8]) -> String {
-        let message = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header),
-            URL_SAFE_NO_PAD.encode(r#"{"sub":"a@x","exp":4102444800,"iat":1}"#)
-        );
-        let tag = hmac::sign(
-            &hmac::Key::new(hmac::HMAC_SHA256, secret),
-            message.as_bytes(),
-        );
-        format!("{message}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
-    }
+    use crate::session::tests::signed;
+    use serde_json::json;
 
     #[test]
     fn only_a_signed_token_has_its_header_remembered() {
         let check = Hs256::new(b"right", None);
-        let forged = token(r#"{"alg":"HS256","kid":"x"}"#, b"wrong");
+        let claims = json!({"sub": "a@x", "exp": 4_102_444_800_i64, "iat": 1});
+        let forged = signed(
+            json!({"alg": "HS256", "kid": "x"}),
+            claims.clone(),
+            b"wrong",
+        );
         assert_eq!(
             check.decode(&forged, 0).unwrap_err(),
             SessionError::BadSignature
         );
         assert_eq!(check.passed_header.get(), None);
-        let signed = token(r#"{"alg":"HS256","typ":"JWT"}"#, b"right");
-        assert!(check.decode(&signed, 0).is_ok());
-        let remembered = signed.split('.').next().map(str::to_owned);
+        let good = signed(json!({"alg": "HS256", "typ": "JWT"}), claims, b"right");
+        assert!(check.decode(&good, 0).is_ok());
+        let remembered = good.split('.').next().map(str::to_owned);
         assert_eq!(check.passed_header.get(), remembered.as_ref());
     }
 }
