@@ -226,7 +226,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 crate::server::PUBLIC_MAX_HEAD_BYTES.max(limits.max_url_bytes + 16 * 1024),
             ),
         },
-        crate::server::Front::Lean,
+        crate::server::Front::Bodiless,
         shutdown.clone(),
     ));
     tasks.spawn(crate::threads::on_ingest_thread(crate::server::serve(
@@ -238,7 +238,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             header_timeout: limits.header_timeout,
             max_head_bytes: None,
         },
-        crate::server::Front::Hyper,
+        crate::server::Front::DirectBodies,
         shutdown.clone(),
     ))?);
 

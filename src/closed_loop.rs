@@ -2,14 +2,14 @@
 //! for each answer before it sends again, as a delivery agent notifying
 //! for one recipient after another does.
 //!
-//! Every connection served by hyper marks each request's task
-//! ([`Connection::answer`]; on the internal listener all of them, on the
-//! public one only the requests its own front passes on): in a loop when
-//! the connection's previous answer was ready less than [`LOOP_GAP`]
-//! before the request came. The SQLite store reads the mark ([`in_a_loop`]) for its log's sync, which
-//! waits for more notifies to share it: not long while only such senders
-//! wait, since none of them sends again before its answer, longer while
-//! a sender not in a loop does (`store::wal_sync`).
+//! Each request of the internal listener (whoever speaks HTTP for it: our
+//! own front, or hyper) and each request the public listener hands to hyper
+//! marks its task ([`Connection::answer`]): in a loop when the connection's
+//! previous answer was ready less than [`LOOP_GAP`] before the request
+//! came. The SQLite store reads the mark ([`in_a_loop`]) for its log's
+//! sync, which waits for more notifies to share it: not long while only
+//! such senders wait, since none of them sends again before its answer,
+//! longer while a sender not in a loop does (`store::wal_sync`).
 //!
 //! A task-local, not an argument: the mark is about the connection, and it
 //! reaches the store through the ingest path and the store trait, which

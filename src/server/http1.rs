@@ -1,5 +1,5 @@
-//! The public listener's own HTTP/1.1 front, for the bodiless GETs browsers
-//! send.
+//! Our own HTTP/1.1 front, for the bodiless GETs browsers send (the public
+//! listener) and for the notifies delivery agents send (the internal one).
 //!
 //! Why it exists: hyper keeps an 8 KiB read buffer per connection and reads
 //! ahead into it while a request is in flight, and neither is configurable.
@@ -11,10 +11,17 @@
 //! Bytes that arrive meanwhile (a pipelined request) are read only when the
 //! socket is readable, into a `Vec` sized to them.
 //!
-//! A request that does not fit (a body, an upgrade, anything `httparse`
-//! refuses) is handed to hyper with the bytes already read replayed first,
-//! and hyper serves the connection from then on: it answers 413, 400 and
-//! the like as it always has.
+//! On the internal listener a request for its direct route (a notify) may
+//! have a body, if the whole of it came with the head: a delivery agent
+//! writes a small notify in one piece, and through hyper a notify at 1,000
+//! a second cost the server 158 µs of CPU against 146 here
+//! (`docs/BENCHMARKS.md`). A body still on its way is hyper's, whose body
+//! timeout and `100 Continue` stay as they were.
+//!
+//! A request that does not fit (another body, an upgrade, anything
+//! `httparse` refuses) is handed to hyper with the bytes already read
+//! replayed first, and hyper serves the connection from then on: it answers
+//! 413, 400 and the like as it always has.
 //!
 //! While the router's future is pending the socket is watched: a client that
 //! closes ends the request at once, which releases its held poll.
@@ -23,12 +30,13 @@
 //! [`AnswerSlot`], for its answer to be written where the news is committed;
 //! the connection goes on to the next request once it finds it answered.
 //!
-//! The listener's [`super::DirectRoute`] (the poll, on the public listener)
-//! is offered each request before the router: every poll passes here, and
-//! the router's dispatch, layers and extractors were a good part of a
-//! poll's CPU and most of a held poll's memory.
+//! The listener's [`super::DirectRoute`] (the poll on the public listener,
+//! the notifies on the internal one) is offered each request before the
+//! router: every poll passes here, and the router's dispatch, layers and
+//! extractors were a good part of a poll's CPU and most of a held poll's
+//! memory.
 
-use super::{AnswerSlot, Answering, Listener};
+use super::{AnswerSlot, Answering, Front, Listener};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -55,8 +63,11 @@ const DEFAULT_MAX_HEAD: usize = 8192 + 4096 * 100;
 const MAX_HEADERS: usize = 100;
 /// Bodies up to this size are sent in the same write as the head.
 const ONE_WRITE: usize = 16 * 1024;
+/// The largest request body this front reads itself (on the internal
+/// listener); a longer one is hyper's. A batch of a few hundred notifies.
+const MAX_WHOLE_BODY: usize = 64 * 1024;
 
-/// Serve one connection of the public listener until it closes.
+/// Serve one connection until it closes.
 pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Listener) {
     let max_head = listener.limits.max_head_bytes.unwrap_or(DEFAULT_MAX_HEAD);
     // Bytes received after the last request's head (pipelining); most often
@@ -65,6 +76,10 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
     // The slot lent with the request in flight, closed before the stream
     // goes (locals are dropped before arguments).
     let mut lent = Lent(None);
+    // A delivery agent's requests are marked as in a loop or not
+    // (`crate::closed_loop`); browsers' polls need no mark.
+    let answers = (listener.front == Front::DirectBodies)
+        .then(|| Arc::new(crate::closed_loop::Connection::default()));
     let end = loop {
         // The futures of this loop are boxed while they run, so that what
         // a held poll's task keeps is little more than the socket and the
@@ -84,7 +99,8 @@ pub(super) async fn serve(mut stream: TcpStream, peer: SocketAddr, listener: &Li
                         req.extensions_mut().insert(slot.clone());
                         lent.0 = Some(slot);
                     }
-                    (call(listener, req, peer), head_only, version, keep_alive)
+                    let call = call(listener, req, peer, answers.as_ref());
+                    (call, head_only, version, keep_alive)
                 }
                 other => break other,
             };
@@ -206,19 +222,31 @@ pub fn encode_answer(headers: HeaderMap, body: &[u8]) -> Vec<u8> {
 }
 
 /// Hand `req` to the listener's direct route if it takes it, else to the
-/// router, with the peer address as hyper's connections give it.
-fn call(listener: &Listener, mut req: Request<Body>, peer: SocketAddr) -> Answering {
-    if let Some(direct) = listener.direct.as_ref().filter(|d| d.takes(&req)) {
-        return direct.answer(req, peer);
-    }
-    req.extensions_mut().insert(ConnectInfo(peer));
-    let routing = listener.router.clone().oneshot(req);
-    Box::pin(async move {
-        match routing.await {
-            Ok(response) => response,
-            Err(never) => match never {},
+/// router, with the peer address as hyper's connections give it; marked
+/// with whether it is in a loop when the connection keeps `answers`.
+fn call(
+    listener: &Listener,
+    mut req: Request<Body>,
+    peer: SocketAddr,
+    answers: Option<&Arc<crate::closed_loop::Connection>>,
+) -> Answering {
+    let answering: Answering = match listener.direct.as_ref().filter(|d| d.takes(&req)) {
+        Some(direct) => direct.answer(req, peer),
+        None => {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let routing = listener.router.clone().oneshot(req);
+            Box::pin(async move {
+                match routing.await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            })
         }
-    })
+    };
+    match answers {
+        Some(answers) => Box::pin(answers.clone().answer(answering)),
+        None => answering,
+    }
 }
 
 /// End a connection whose next request our front does not serve.
@@ -301,13 +329,24 @@ async fn read_head(
                 Parsed::Partial => {}
                 Parsed::Misfit => return Head::Misfit(buf),
                 Parsed::Request {
-                    req,
+                    mut req,
                     keep_alive,
                     used,
+                    body,
                 } => {
+                    let mut end = used;
+                    if body > 0 {
+                        if !takes_body(listener, &req, body)
+                            || !read_body(stream, &mut buf, used + body)
+                        {
+                            return Head::Misfit(buf);
+                        }
+                        end += body;
+                        *req.body_mut() = Body::from(buf[used..end].to_vec());
+                    }
                     // The buffer is dropped here; only what follows the
-                    // head (usually nothing) is kept, in a Vec of its size.
-                    let rest = buf[used..].to_vec();
+                    // request (usually nothing) is kept, in a Vec of its size.
+                    let rest = buf[end..].to_vec();
                     return Head::Request {
                         req,
                         keep_alive,
@@ -347,6 +386,30 @@ async fn read_head(
     }
 }
 
+/// Whether this front reads the `length` bytes of `req`'s body itself: a
+/// request for the direct route of a listener whose front takes bodies.
+fn takes_body(listener: &Listener, req: &Request<Body>, length: usize) -> bool {
+    listener.front == Front::DirectBodies
+        && length <= MAX_WHOLE_BODY
+        && listener.direct.as_ref().is_some_and(|d| d.takes(req))
+}
+
+/// Whether `buf` holds `len` bytes, after at most one read of what the
+/// socket already has: a body still on its way is hyper's, which waits for
+/// it within the body timeout.
+fn read_body(stream: &TcpStream, buf: &mut Vec<u8>, len: usize) -> bool {
+    if buf.len() >= len {
+        return true;
+    }
+    buf.reserve_exact(len - buf.len());
+    let room = buf.capacity() - buf.len();
+    match stream.try_read_buf(buf) {
+        Ok(n) if n > 0 && n < room => drained(stream),
+        _ => {}
+    }
+    buf.len() >= len
+}
+
 /// A read that did not fill its buffer took all the socket had: forget the
 /// socket's readiness, as tokio's own `poll_read` does after a short read,
 /// so that the next look at the socket waits for the kernel to announce
@@ -376,6 +439,8 @@ enum Parsed {
         keep_alive: bool,
         /// The length of the head in the buffer.
         used: usize,
+        /// The body's announced length, which follows the head (0: none).
+        body: usize,
     },
 }
 
@@ -417,7 +482,10 @@ fn parse(buf: &[u8]) -> Parsed {
         };
         map.append(name, value);
     }
-    if may_have_body(&map) || map.contains_key(header::UPGRADE) {
+    let Some(body) = body_length(&map) else {
+        return Parsed::Misfit;
+    };
+    if map.contains_key(header::UPGRADE) {
         return Parsed::Misfit;
     }
     let keep_alive = match version {
@@ -433,17 +501,34 @@ fn parse(buf: &[u8]) -> Parsed {
         req,
         keep_alive,
         used,
+        body,
     }
 }
 
-/// A request has a body unless it has no Transfer-Encoding and each
-/// Content-Length (if any) is exactly 0; hyper judges anything else.
-fn may_have_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| v.as_bytes().trim_ascii() != b"0")
+/// The length of a request's body, when it is plain: at most one
+/// Content-Length, all digits, and no Transfer-Encoding; and no `Expect`
+/// with a body, whose `100 Continue` is hyper's to send. Hyper judges
+/// anything else (`None`).
+fn body_length(headers: &HeaderMap) -> Option<usize> {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some(v), None) => {
+            let digits = v.as_bytes().trim_ascii();
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            std::str::from_utf8(digits).ok()?.parse().ok()?
+        }
+        (Some(_), Some(_)) => return None,
+    };
+    if length > 0 && headers.contains_key(header::EXPECT) {
+        return None;
+    }
+    Some(length)
 }
 
 /// Whether the Connection header lists `token`.
@@ -474,6 +559,15 @@ impl Connection {
             (true, _) => Connection::Default,
         }
     }
+
+    /// Its header line, if it needs one.
+    fn write(self, out: &mut Vec<u8>) {
+        match self {
+            Connection::Default => {}
+            Connection::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
+            Connection::Close => out.extend_from_slice(b"connection: close\r\n"),
+        }
+    }
 }
 
 /// The response head, and the body after it unless it is long (then the
@@ -488,7 +582,6 @@ fn encode(
     // Framing is ours to say: the body is whole in memory.
     let routed_length = headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::CONNECTION);
     let inline = !head_only && body.len() <= ONE_WRITE;
     let mut out =
         Vec::with_capacity(160 + headers.len() * 48 + if inline { body.len() } else { 0 });
@@ -497,7 +590,16 @@ fn encode(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // What the answer says about the connection goes where the router put
+    // its Connection header, as hyper writes it, or else after the length.
+    let mut connection = Some(connection);
     for (name, value) in &headers {
+        if name == header::CONNECTION {
+            if let Some(c) = connection.take() {
+                c.write(&mut out);
+            }
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -521,10 +623,8 @@ fn encode(
             out.extend_from_slice(b"\r\n");
         }
     }
-    match connection {
-        Connection::Default => {}
-        Connection::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
-        Connection::Close => out.extend_from_slice(b"connection: close\r\n"),
+    if let Some(c) = connection {
+        c.write(&mut out);
     }
     if !headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
@@ -642,7 +742,9 @@ mod tests {
                 req,
                 keep_alive,
                 used,
+                body: 0,
             } => (req, keep_alive, used),
+            Parsed::Request { body, .. } => panic!("a body of {body}"),
             Parsed::Partial => panic!("partial"),
             Parsed::Misfit => panic!("misfit"),
         }
@@ -672,21 +774,40 @@ mod tests {
     }
 
     #[test]
-    fn bodies_upgrades_and_garbage_go_to_hyper() {
+    fn odd_bodies_upgrades_and_garbage_go_to_hyper() {
         for raw in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"[..],
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"GET\x01 / HTTP/1.1\r\n\r\n",
         ] {
             assert!(matches!(parse(raw), Parsed::Misfit), "{raw:?}");
         }
-        assert!(matches!(
-            parse(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
-            Parsed::Request { .. }
-        ));
+        for raw in [
+            &b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n",
+        ] {
+            assert!(matches!(parse(raw), Parsed::Request { body: 0, .. }));
+        }
         assert!(matches!(parse(b"GET / HTTP/1.1\r\nHo"), Parsed::Partial));
+    }
+
+    #[test]
+    fn a_plain_body_is_announced_after_the_head() {
+        let raw = b"PUT /n HTTP/1.1\r\nContent-Length:  3 \r\n\r\nabcGET";
+        let Parsed::Request { used, body, .. } = parse(raw) else {
+            panic!("not parsed");
+        };
+        assert_eq!(
+            (&raw[used..used + body], &raw[used + body..]),
+            (&b"abc"[..], &b"GET"[..])
+        );
     }
 
     #[test]
@@ -703,6 +824,27 @@ mod tests {
         assert!(text.contains("connection: close\r\n"), "{text}");
         assert!(text.contains("date: "), "{text}");
         assert!(text.ends_with("\r\n\r\nhello"), "{text}");
+    }
+
+    #[test]
+    fn the_connection_header_stays_where_the_router_put_it() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("a/b"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let out = encode(StatusCode::OK, headers, b"", false, Connection::Close);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.split("\r\n").take(5).collect();
+        assert_eq!(
+            lines,
+            [
+                "HTTP/1.1 200 OK",
+                "content-type: a/b",
+                "connection: close",
+                "cache-control: no-store",
+                "content-length: 0"
+            ]
+        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! connections, the peer address in each request's extensions, and a
 //! graceful drain.
 //!
-//! The internal listener runs hyper. The public listener runs our own small
-//! front ([`http1`]) for the requests browsers send, so that a held poll
-//! owns no read buffer, and hands anything else to hyper.
+//! Both listeners run our own small front ([`http1`]): the public one for
+//! the requests browsers send, so that a held poll owns no read buffer; the
+//! internal one also for the notifies delivery agents send, which it
+//! answers with less work than hyper. Each hands anything else to hyper.
 
 mod answer_slot;
 mod http1;
@@ -53,14 +54,17 @@ pub struct ConnLimits {
     pub max_head_bytes: Option<usize>,
 }
 
-/// Who speaks HTTP on a listener's connections.
+/// What our own front ([`http1`]) serves on a listener; hyper serves the
+/// rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Front {
-    /// hyper, for every request.
-    Hyper,
-    /// Our own front for bodiless requests (browsers' polls), hyper for the
-    /// rest: see [`http1`].
-    Lean,
+    /// Bodiless requests: browsers' polls. The public listener's, which
+    /// accepts on a thread of its own (see [`crate::threads`]).
+    Bodiless,
+    /// Bodiless requests, and the direct route's requests whose whole body
+    /// came with their head: delivery agents' notifies. The internal
+    /// listener's.
+    DirectBodies,
 }
 
 /// A request a listener answers without its router: the poll on the public
@@ -83,6 +87,7 @@ struct Listener {
     router: Router,
     /// Served before the router, if set.
     direct: Option<Arc<dyn DirectRoute>>,
+    front: Front,
     builder: hyper::server::conn::http1::Builder,
     limits: ConnLimits,
     shutdown: Shutdown,
@@ -142,6 +147,7 @@ pub async fn serve(
     let shared = Arc::new(Listener {
         router,
         direct,
+        front,
         builder,
         limits,
         shutdown: shutdown.clone(),
@@ -151,13 +157,12 @@ pub async fn serve(
         shared,
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         connections: connections.clone(),
-        front,
         connections_run_on: tokio::runtime::Handle::current(),
     };
     // The public listener accepts on a thread of its own (see
     // crate::threads); its connections still run on this runtime.
     match listener.into_std() {
-        Ok(listener) if front == Front::Lean => {
+        Ok(listener) if front == Front::Bodiless => {
             match crate::threads::spawn("pns-accept", accepting.run(listener)) {
                 Ok(done) => done.await,
                 Err(e) => {
@@ -189,7 +194,6 @@ struct Accepting {
     /// One permit per open connection.
     slots: Arc<Semaphore>,
     connections: TaskTracker,
-    front: Front,
     connections_run_on: tokio::runtime::Handle,
 }
 
@@ -233,29 +237,15 @@ impl Accepting {
                 }
             };
             let shared = self.shared.clone();
-            // One task type per front: a task is as large as the largest
-            // future it may run, and hyper's connection is much larger than a
-            // held poll's connection on the lean front.
-            match self.front {
-                Front::Hyper => self.connections.spawn_on(
-                    async move {
-                        if let Ok(stream) = TcpStream::from_std(stream) {
-                            shared.hyper(stream, peer).await;
-                        }
-                        drop(permit);
-                    },
-                    &self.connections_run_on,
-                ),
-                Front::Lean => self.connections.spawn_on(
-                    async move {
-                        if let Ok(stream) = TcpStream::from_std(stream) {
-                            http1::serve(stream, peer, &shared).await;
-                        }
-                        drop(permit);
-                    },
-                    &self.connections_run_on,
-                ),
-            };
+            self.connections.spawn_on(
+                async move {
+                    if let Ok(stream) = TcpStream::from_std(stream) {
+                        http1::serve(stream, peer, &shared).await;
+                    }
+                    drop(permit);
+                },
+                &self.connections_run_on,
+            );
         }
     }
 }

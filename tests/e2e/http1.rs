@@ -1,7 +1,8 @@
-//! HTTP/1.1 on the public listener, spoken over raw sockets: keep-alive,
+//! HTTP/1.1 spoken over raw sockets. On the public listener: keep-alive,
 //! pipelining, HTTP/1.0, `Connection: close`, HEAD, a client that goes away
 //! during a held poll, and the requests handed to hyper (bodies, oversized
-//! heads).
+//! heads). On the internal one: notifies whose bodies come with their heads,
+//! later, or after `100 Continue`.
 
 use crate::support::*;
 use serde_json::Value;
@@ -42,8 +43,12 @@ struct Raw {
 
 impl Raw {
     async fn connect(s: &Server) -> Raw {
+        Raw::connect_to(s.public).await
+    }
+
+    async fn connect_to(addr: std::net::SocketAddr) -> Raw {
         Raw {
-            stream: TcpStream::connect(s.public).await.unwrap(),
+            stream: TcpStream::connect(addr).await.unwrap(),
             buf: Vec::new(),
         }
     }
@@ -126,6 +131,31 @@ impl Raw {
 
 fn poll_request(sid: &str, query: &str) -> String {
     format!("GET /pns/poll?sid={sid}&{query} HTTP/1.1\r\nHost: pns\r\n\r\n")
+}
+
+/// The head of a notify with a body of `length` bytes.
+fn notify_head(token: &str, length: usize, extra: &str) -> String {
+    format!(
+        "POST /internal/v1/notify HTTP/1.1\r\nHost: pns\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\n{extra}Content-Length: {length}\r\n\r\n"
+    )
+}
+
+/// A notify of one mail, head and body.
+fn notify_request(token: &str, user: &str, subject: &str) -> String {
+    let body = mail(user, subject).to_string();
+    format!("{}{body}", notify_head(token, body.len(), ""))
+}
+
+/// The subjects `user` was sent, oldest first.
+async fn subjects(s: &Server, user: &str) -> Vec<String> {
+    let answer = s.poll(&s.sid(user), "timeout=0&cursor=1.0").await;
+    answer.body["msg"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"]["subject"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test]
@@ -490,4 +520,71 @@ async fn a_poll_without_a_cursor_is_answered_by_its_own_runtime() {
     s.mail("alice@example.com", "one").await;
     assert_eq!(raw.reply().await.c_of(), 1);
     assert_eq!(metric(&s, AT_COMMIT).await, 0.0);
+}
+
+#[tokio::test]
+async fn notifies_written_together_are_answered_in_order_and_delivered() {
+    let s = Server::start();
+    let token = s.internal_token();
+    let mut raw = Raw::connect_to(s.internal).await;
+    // Two notifies and a health check in one write, each body whole with
+    // its head.
+    raw.send(&format!(
+        "{}{}GET /healthz HTTP/1.1\r\nHost: pns\r\n\r\n",
+        notify_request(&token, "alice@example.com", "one"),
+        notify_request(&token, "bob@example.com", "two"),
+    ))
+    .await;
+    for _ in 0..2 {
+        let r = raw.reply().await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.json()["accepted"], 1);
+        assert_eq!(r.header("connection"), None);
+    }
+    assert_eq!(raw.reply().await.json()["status"], "ok");
+    assert_eq!(subjects(&s, "alice@example.com").await, ["one"]);
+    assert_eq!(subjects(&s, "bob@example.com").await, ["two"]);
+
+    // A bad body is refused with its reason, and the connection goes on.
+    let bad = r#"{"user":"alice@example.com","type":70"#;
+    raw.send(&format!("{}{bad}", notify_head(&token, bad.len(), "")))
+        .await;
+    let r = raw.reply().await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["errorCode"], "BAD_REQUEST");
+    raw.send(&notify_request(&token, "alice@example.com", "three"))
+        .await;
+    assert_eq!(raw.reply().await.status, 202);
+    assert_eq!(subjects(&s, "alice@example.com").await, ["one", "three"]);
+}
+
+#[tokio::test]
+async fn a_notify_body_that_comes_later_or_after_100_continue_is_read() {
+    let s = Server::start();
+    let token = s.internal_token();
+    let user = "alice@example.com";
+
+    // The head and the start of the body, then the rest a while later.
+    let mut raw = Raw::connect_to(s.internal).await;
+    let request = notify_request(&token, user, "late");
+    let (first, rest) = request.split_at(request.find("\r\n\r\n").unwrap() + 8);
+    raw.send(first).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw.send(rest).await;
+    assert_eq!(raw.reply().await.status, 202);
+    // The connection goes on with a notify in one piece.
+    raw.send(&notify_request(&token, user, "next")).await;
+    assert_eq!(raw.reply().await.status, 202);
+
+    // A client that waits for `100 Continue` before its body.
+    let mut raw = Raw::connect_to(s.internal).await;
+    let body = mail(user, "continued").to_string();
+    raw.send(&notify_head(&token, body.len(), "Expect: 100-continue\r\n"))
+        .await;
+    let go_on = raw.reply_to(true, Duration::from_secs(10)).await;
+    assert_eq!(go_on.status, 100);
+    raw.send(&body).await;
+    assert_eq!(raw.reply().await.status, 202);
+
+    assert_eq!(subjects(&s, user).await, ["late", "next", "continued"]);
 }
