@@ -375,10 +375,8 @@ async fn read_head(
             let grown = (buf.capacity() * 2).clamp(FIRST_READ, max_head);
             buf.reserve_exact(grown.saturating_sub(buf.len()).max(1));
         }
-        let room = buf.capacity() - buf.len();
-        match stream.try_read_buf(&mut buf) {
+        match read_available(stream, &mut buf) {
             Ok(0) => return Head::Closed,
-            Ok(n) if n < room => drained(stream),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Head::Closed,
@@ -402,12 +400,19 @@ fn read_body(stream: &TcpStream, buf: &mut Vec<u8>, len: usize) -> bool {
         return true;
     }
     buf.reserve_exact(len - buf.len());
-    let room = buf.capacity() - buf.len();
-    match stream.try_read_buf(buf) {
-        Ok(n) if n > 0 && n < room => drained(stream),
-        _ => {}
-    }
+    let _ = read_available(stream, buf);
     buf.len() >= len
+}
+
+/// Read what the socket has into `buf`'s spare room. `Ok(0)`: the client
+/// closed.
+fn read_available(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let n = stream.try_read_buf(buf)?;
+    if n > 0 && n < room {
+        drained(stream);
+    }
+    Ok(n)
 }
 
 /// A read that did not fill its buffer took all the socket had: forget the
