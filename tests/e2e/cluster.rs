@@ -172,6 +172,48 @@ fn ids(a: &Answer) -> Vec<String> {
         .collect()
 }
 
+/// Send a notify for `user` over a connection closed as soon as the notify
+/// is written, before any answer.
+async fn notify_and_leave(s: &Server, user: &str, subject: &str) {
+    use tokio::io::AsyncWriteExt;
+    let body = json!({"user": user, "type": 70, "data": {"subject": subject}}).to_string();
+    let request = format!(
+        "POST /internal/v1/notify HTTP/1.1\r\nHost: pns\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(s.internal).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+}
+
+/// A delivery agent that closes its connection as soon as its notify is
+/// written, before the commit, still has it stored, delivered to the poll
+/// held for it, and counted.
+#[tokio::test]
+async fn a_notify_whose_sender_leaves_at_once_still_wakes_the_held_poll() {
+    let schema = Schema::create().await;
+    let n = nodes(&schema, 1).await;
+    let sid = n[0].sid("alice@example.com");
+    let started = Instant::now();
+    let poll = n[0].poll(&sid, "timeout=20");
+    let send = async {
+        until_held(&n[0], 1).await;
+        notify_and_leave(&n[0], "alice@example.com", "left at once").await;
+    };
+    let (a, _) = tokio::join!(poll, send);
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.subjects(), ["left at once"]);
+    // Woken by the notify, not by the 20 s hold running out.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    metric_becomes(&n[0], "pns_messages_accepted_total{source=\"api\"}", 1.0).await;
+}
+
 #[tokio::test]
 async fn a_notify_on_one_node_wakes_polls_held_on_the_others() {
     let schema = Schema::create().await;

@@ -558,6 +558,26 @@ async fn notifies_written_together_are_answered_in_order_and_delivered() {
     assert_eq!(subjects(&s, "alice@example.com").await, ["one", "three"]);
 }
 
+/// A sender that closes its connection as soon as its notify is written,
+/// before its `202`, still has the notify stored and counted: the count
+/// is of messages durably stored, whoever waits for them.
+#[tokio::test]
+async fn a_notify_whose_sender_closes_at_once_is_stored_and_counted() {
+    let s = Server::start();
+    let token = s.internal_token();
+    let user = "alice@example.com";
+    for subject in ["one", "two", "three"] {
+        let mut raw = Raw::connect_to(s.internal).await;
+        raw.send(&notify_request(&token, user, subject)).await;
+        raw.stream.shutdown().await.unwrap();
+    }
+    let accepted = "pns_messages_accepted_total{source=\"api\"}";
+    metric_becomes(&s, accepted, 3.0).await;
+    let mut stored = subjects(&s, user).await;
+    stored.sort();
+    assert_eq!(stored, ["one", "three", "two"]);
+}
+
 #[tokio::test]
 async fn a_notify_body_that_comes_later_or_after_100_continue_is_read() {
     let s = Server::start();

@@ -9,22 +9,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
-/// Wait until `series` reads `want`.
-async fn metric_becomes(s: &Server, series: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = metric(s, series).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed {got}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A poll running in the background.
 fn spawn_poll(s: &Server, sid: &str, query: &str) -> JoinHandle<Answer> {
     let url = s.public_url(&format!("/pns/poll?sid={sid}&{query}"));

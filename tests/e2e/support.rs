@@ -431,3 +431,19 @@ pub async fn metric(s: &Server, series: &str) -> f64 {
     let text = metrics(s).await;
     sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
+
+/// Wait until `series` reads `want`.
+pub async fn metric_becomes(s: &Server, series: &str, want: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = metric(s, series).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} stayed {got}, expected {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
