@@ -84,12 +84,12 @@ impl Ingest {
         batch: Vec<NewMessage>,
         source: Source,
     ) -> StoreResult<AcceptReport> {
-        RunsToEnd::new(self.clone().store(batch, source)).await
+        RunsToEnd::new(self.clone().carry_out(batch, source)).await
     }
 
     /// What [`Ingest::accept`] does, owning what it needs, so that it can
     /// finish in a task of its own.
-    async fn store(self, batch: Vec<NewMessage>, source: Source) -> StoreResult<AcceptReport> {
+    async fn carry_out(self, batch: Vec<NewMessage>, source: Source) -> StoreResult<AcceptReport> {
         let now = crate::clock::now_ms();
         // Whom to wake, unless the store wakes them itself.
         let users: Vec<String> = match self.store_wakes {
