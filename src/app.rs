@@ -9,6 +9,7 @@ use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::opaque::OpaqueSessions;
 use crate::registry::SessionRegistry;
+use crate::runs_to_end::RunsToEnd;
 use crate::scheduler::DelayScheduler;
 use crate::session::{SessionValidator, VerifyKey};
 use crate::shutdown::Shutdown;
@@ -101,31 +102,48 @@ impl App {
 
     /// Revoke one session: refused from now until `expires_ms`, its held
     /// polls answered 401 at once.
-    pub async fn revoke_session(&self, jti: &str, expires_ms: i64) -> StoreResult<()> {
-        self.store.revoke_session(jti, expires_ms).await?;
-        self.sessions.note_revoked_session(jti, expires_ms);
-        self.hub.revoke_session(jti);
-        self.registry.forget_session(jti);
-        Ok(())
+    ///
+    /// Runs to its end even if the caller stops waiting: a revocation the
+    /// store has taken is enforced here too ([`RunsToEnd`]).
+    pub async fn revoke_session(self: &Arc<Self>, jti: &str, expires_ms: i64) -> StoreResult<()> {
+        let (app, jti) = (self.clone(), jti.to_owned());
+        RunsToEnd::new(async move {
+            app.store.revoke_session(&jti, expires_ms).await?;
+            app.sessions.note_revoked_session(&jti, expires_ms);
+            app.hub.revoke_session(&jti);
+            app.registry.forget_session(&jti);
+            Ok(())
+        })
+        .await
     }
 
-    /// Revoke every session of `user` that started until now.
-    pub async fn revoke_user(&self, user: &str) -> StoreResult<()> {
-        let now = crate::clock::now_ms();
-        self.store.revoke_mailbox(user, now).await?;
-        self.sessions.note_revoked_mailbox(user, now);
-        self.hub.revoke_user(user);
-        self.registry.forget_user(user);
-        Ok(())
+    /// Revoke every session of `user` that started until now; runs to its
+    /// end as [`App::revoke_session`] does.
+    pub async fn revoke_user(self: &Arc<Self>, user: &str) -> StoreResult<()> {
+        let (app, user) = (self.clone(), user.to_owned());
+        RunsToEnd::new(async move {
+            let now = crate::clock::now_ms();
+            app.store.revoke_mailbox(&user, now).await?;
+            app.sessions.note_revoked_mailbox(&user, now);
+            app.hub.revoke_user(&user);
+            app.registry.forget_user(&user);
+            Ok(())
+        })
+        .await
     }
 
     /// Delete an opaque session by its sid hash: refused from now on (on
-    /// this node at once), its held polls answered 401.
-    pub async fn delete_opaque_session(&self, sid_hash: &str) -> StoreResult<bool> {
-        let existed = self.opaque.delete(sid_hash).await?;
-        self.hub.revoke_session(sid_hash);
-        self.registry.forget_session(sid_hash);
-        Ok(existed)
+    /// this node at once), its held polls answered 401; runs to its end as
+    /// [`App::revoke_session`] does.
+    pub async fn delete_opaque_session(self: &Arc<Self>, sid_hash: &str) -> StoreResult<bool> {
+        let (app, sid_hash) = (self.clone(), sid_hash.to_owned());
+        RunsToEnd::new(async move {
+            let existed = app.opaque.delete(&sid_hash).await?;
+            app.hub.revoke_session(&sid_hash);
+            app.registry.forget_session(&sid_hash);
+            Ok(existed)
+        })
+        .await
     }
 
     /// Drop what has gone stale from the in-memory tables.

@@ -41,6 +41,8 @@
 //! - [`retention`]: the background purge.
 //! - [`metrics`]: counters, Prometheus text.
 //! - [`shutdown`]: the token every task watches.
+//! - [`runs_to_end`]: work that goes on when the client that began it goes
+//!   away (a notify's ingest, a revocation).
 //! - [`threads`]: the jobs that run beside the main runtime, and why.
 //! - [`cli`]: the `pns` command line.
 
@@ -60,6 +62,7 @@ pub mod opaque;
 pub mod poll;
 pub mod registry;
 pub mod retention;
+pub mod runs_to_end;
 pub mod scheduler;
 pub mod server;
 pub mod session;

@@ -18,12 +18,10 @@ pub mod mime;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::runs_to_end::RunsToEnd;
 use crate::scheduler::DelayScheduler;
 use crate::store::{Accepted, NewMessage, SharedStore, StoreResult};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 
 /// Where a message came from, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,75 +133,5 @@ impl Ingest {
         self.metrics
             .accepted(source, report.accepted as u64, report.duplicates as u64);
         Ok(report)
-    }
-}
-
-/// A future that runs to its end even when its caller stops waiting: the
-/// rest then runs in a task of its own. A caller gone away (a sender that
-/// closed its connection before its `202`) does not take back a batch the
-/// store has, or may have, taken: it is still stored, and the polls it
-/// concerns are still woken and its messages counted, as for any other.
-struct RunsToEnd<F: Future<Output: Send> + Send + 'static>(Option<Pin<Box<F>>>);
-
-impl<F: Future<Output: Send> + Send + 'static> RunsToEnd<F> {
-    fn new(work: F) -> Self {
-        RunsToEnd(Some(Box::pin(work)))
-    }
-}
-
-impl<F: Future<Output: Send> + Send + 'static> Future for RunsToEnd<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let Some(work) = self.0.as_mut() else {
-            panic!("RunsToEnd polled after it finished");
-        };
-        let done = ready!(work.as_mut().poll(cx));
-        self.0 = None;
-        Poll::Ready(done)
-    }
-}
-
-impl<F: Future<Output: Send> + Send + 'static> Drop for RunsToEnd<F> {
-    fn drop(&mut self) {
-        let Some(work) = self.0.take() else {
-            return;
-        };
-        // Without a runtime (the node is shutting down) there is nowhere
-        // to finish; the store's own shutdown writes what it has taken.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(work);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::sync::oneshot;
-
-    #[tokio::test]
-    async fn work_whose_caller_stops_waiting_runs_to_its_end() {
-        let (go, gone) = oneshot::channel::<()>();
-        let (done, finished) = oneshot::channel();
-        let mut work = Box::pin(RunsToEnd::new(async move {
-            let _ = gone.await;
-            let _ = done.send("finished");
-        }));
-        // Started, then the caller goes away.
-        let waker = std::task::Waker::noop();
-        assert!(work
-            .as_mut()
-            .poll(&mut Context::from_waker(waker))
-            .is_pending());
-        drop(work);
-        go.send(()).unwrap();
-        let finished = tokio::time::timeout(std::time::Duration::from_secs(10), finished).await;
-        assert_eq!(finished.unwrap(), Ok("finished"));
-    }
-
-    #[tokio::test]
-    async fn work_waited_for_gives_its_output() {
-        assert_eq!(RunsToEnd::new(async { 7 }).await, 7);
     }
 }

@@ -172,22 +172,6 @@ fn ids(a: &Answer) -> Vec<String> {
         .collect()
 }
 
-/// Send a notify for `user` over a connection closed as soon as the notify
-/// is written, before any answer.
-async fn notify_and_leave(s: &Server, user: &str, subject: &str) {
-    use tokio::io::AsyncWriteExt;
-    let body = json!({"user": user, "type": 70, "data": {"subject": subject}}).to_string();
-    let request = format!(
-        "POST /internal/v1/notify HTTP/1.1\r\nHost: pns\r\n\
-         Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = tokio::net::TcpStream::connect(s.internal).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    stream.shutdown().await.unwrap();
-}
-
 /// A delivery agent that closes its connection as soon as its notify is
 /// written, before the commit, still has it stored, delivered to the poll
 /// held for it, and counted.
@@ -200,7 +184,9 @@ async fn a_notify_whose_sender_leaves_at_once_still_wakes_the_held_poll() {
     let poll = n[0].poll(&sid, "timeout=20");
     let send = async {
         until_held(&n[0], 1).await;
-        notify_and_leave(&n[0], "alice@example.com", "left at once").await;
+        let notify =
+            json!({"user": "alice@example.com", "type": 70, "data": {"subject": "left at once"}});
+        internal_post_and_leave(&n[0], "/internal/v1/notify", &notify).await;
     };
     let (a, _) = tokio::join!(poll, send);
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
@@ -212,6 +198,42 @@ async fn a_notify_whose_sender_leaves_at_once_still_wakes_the_held_poll() {
         started.elapsed()
     );
     metric_becomes(&n[0], "pns_messages_accepted_total{source=\"api\"}", 1.0).await;
+}
+
+/// A revocation whose caller gives up while the store is still writing it
+/// (its table locked meanwhile) is enforced all the same once written: the
+/// held poll ends with 401, and the session is refused from then on.
+#[tokio::test]
+async fn a_revocation_whose_caller_leaves_midway_is_still_enforced() {
+    let schema = Schema::create().await;
+    let n = nodes(&schema, 1).await;
+    let sid = n[0].sid("alice@example.com");
+    let held = n[0].poll(&sid, "timeout=20");
+    let revoke = async {
+        until_held(&n[0], 1).await;
+        let mut lock = schema.admin.begin().await.unwrap();
+        let table = format!("\"{}\".revoked_sessions", schema.name);
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let revoke = json!({ "jti": jti_of(&sid) });
+        let caller = internal_post_raw(&n[0], "/internal/v1/sessions/revoke", &revoke).await;
+        // The revocation waits for the lock; its caller gives up.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(caller);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        lock.commit().await.unwrap();
+    };
+    let started = Instant::now();
+    let (held, ()) = tokio::join!(held, revoke);
+    assert_eq!(held.status, StatusCode::UNAUTHORIZED, "{}", held.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    until_refused(&n[0], &sid).await;
 }
 
 #[tokio::test]

@@ -564,12 +564,10 @@ async fn notifies_written_together_are_answered_in_order_and_delivered() {
 #[tokio::test]
 async fn a_notify_whose_sender_closes_at_once_is_stored_and_counted() {
     let s = Server::start();
-    let token = s.internal_token();
     let user = "alice@example.com";
     for subject in ["one", "two", "three"] {
-        let mut raw = Raw::connect_to(s.internal).await;
-        raw.send(&notify_request(&token, user, subject)).await;
-        raw.stream.shutdown().await.unwrap();
+        let notify = serde_json::json!({"user": user, "type": 70, "data": {"subject": subject}});
+        internal_post_and_leave(&s, "/internal/v1/notify", &notify).await;
     }
     let accepted = "pns_messages_accepted_total{source=\"api\"}";
     metric_becomes(&s, accepted, 3.0).await;

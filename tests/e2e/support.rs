@@ -432,6 +432,34 @@ pub async fn metric(s: &Server, series: &str) -> f64 {
     sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
+/// `POST path` with the JSON `body` on the internal listener, over a
+/// connection closed as soon as the request is written, before any answer:
+/// a client that gives up at once.
+pub async fn internal_post_and_leave(s: &Server, path: &str, body: &serde_json::Value) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = internal_post_raw(s, path, body).await;
+    stream.shutdown().await.unwrap();
+}
+
+/// `POST path` with the JSON `body` and the internal token, written to a
+/// new connection to the internal listener, which is returned unread.
+pub async fn internal_post_raw(
+    s: &Server,
+    path: &str,
+    body: &serde_json::Value,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let (body, token) = (body.to_string(), s.internal_token());
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: pns\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(s.internal).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
 /// Wait until `series` reads `want`.
 pub async fn metric_becomes(s: &Server, series: &str, want: f64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
