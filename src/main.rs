@@ -32,11 +32,12 @@ fn main() -> std::process::ExitCode {
     // The main runtime holds the public polls. The ingest thread (the
     // internal listener and the SQLite writer), SQLite's own threads and the
     // accepting thread take a core between them, so by default the polls get
-    // the others; TOKIO_WORKER_THREADS still decides when it is set. When
-    // that leaves them one thread, it is a current-thread runtime: the same
-    // one thread as a multi-thread runtime of one worker, without the
-    // machinery for sharing work between workers, which cost about a tenth
-    // of the CPU of each delivery.
+    // the others, and at least two where there are two cores: a burst's
+    // deliveries then run on both cores instead of one while the other
+    // waits for them (docs/BENCHMARKS.md, ³³). TOKIO_WORKER_THREADS still
+    // decides when it is set. On one core it is a current-thread runtime:
+    // the same one thread as a multi-thread runtime of one worker, without
+    // the machinery for sharing work between workers.
     let workers = match std::env::var("TOKIO_WORKER_THREADS") {
         Ok(n) => match n.trim().parse::<usize>() {
             Ok(n) if n > 0 => n,
@@ -45,10 +46,10 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         },
-        Err(_) => std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .saturating_sub(1)
-            .max(1),
+        Err(_) => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores.saturating_sub(1).max(cores.min(2))
+        }
     };
     let mut runtime = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
