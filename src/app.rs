@@ -13,7 +13,7 @@ use crate::runs_to_end::RunsToEnd;
 use crate::scheduler::DelayScheduler;
 use crate::session::{SessionValidator, VerifyKey};
 use crate::shutdown::Shutdown;
-use crate::store::{SharedStore, StoreResult};
+use crate::store::{OpaqueSession, SharedStore, StoreResult};
 use anyhow::Context;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -128,6 +128,25 @@ impl App {
             app.hub.revoke_user(&user);
             app.registry.forget_user(&user);
             Ok(())
+        })
+        .await
+    }
+
+    /// Register the opaque `sid` for `user` for `ttl_secs`; returns its
+    /// hash and the session as stored. Runs to its end as
+    /// [`App::revoke_session`] does: a registration the store has taken
+    /// also drops what this node cached of the sid (a poll just before it
+    /// may have cached "unknown").
+    pub async fn register_opaque_session(
+        self: &Arc<Self>,
+        sid: &str,
+        user: &str,
+        ttl_secs: u64,
+    ) -> StoreResult<(String, OpaqueSession)> {
+        let (app, sid, user) = (self.clone(), sid.to_owned(), user.to_owned());
+        RunsToEnd::new(async move {
+            let now = crate::clock::now_ms();
+            app.opaque.register(&sid, &user, ttl_secs, now).await
         })
         .await
     }

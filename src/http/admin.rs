@@ -108,8 +108,7 @@ pub async fn register_session(
         )));
     }
     let (jti, stored) = app
-        .opaque
-        .register(&req.sid, user, req.ttl_secs, crate::clock::now_ms())
+        .register_opaque_session(&req.sid, user, req.ttl_secs)
         .await?;
     tracing::info!(user = %stored.user, jti = %&jti[..12], "opaque session registered");
     Ok((

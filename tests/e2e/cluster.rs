@@ -236,6 +236,47 @@ async fn a_revocation_whose_caller_leaves_midway_is_still_enforced() {
     until_refused(&n[0], &sid).await;
 }
 
+/// A poll with an opaque sid not yet registered leaves "unknown" in the
+/// node's cache for a second; the registration that follows drops it,
+/// even when its caller has left by the time the store takes it.
+#[tokio::test]
+async fn a_registration_whose_caller_leaves_midway_still_clears_the_cached_unknown() {
+    let schema = Schema::create().await;
+    let n = nodes(&schema, 1).await;
+    let sid = "webmail-sess-leaves-3f9a1c7e5d2b";
+    let mut lock = schema.admin.begin().await.unwrap();
+    let table = format!("\"{}\".opaque_sessions", schema.name);
+    // Reads go on; the registration's insert waits.
+    sqlx::query(&format!("LOCK TABLE {table} IN SHARE MODE"))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let register = json!({"sid": sid, "user": "alice@example.com", "ttlSecs": 3600});
+    let caller = internal_post_raw(&n[0], "/internal/v1/sessions", &register).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unknown = n[0].poll(sid, "timeout=0").await;
+    let cached_at = Instant::now();
+    assert_eq!(unknown.status, StatusCode::UNAUTHORIZED, "{}", unknown.body);
+    drop(caller);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    lock.commit().await.unwrap();
+    // The cached "unknown" would last a second (opaque::NEGATIVE_TTL).
+    loop {
+        let a = n[0].poll(sid, "timeout=0").await;
+        if a.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            cached_at.elapsed() < Duration::from_millis(900),
+            "still {} after {:?}: {}",
+            a.status,
+            cached_at.elapsed(),
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_notify_on_one_node_wakes_polls_held_on_the_others() {
     let schema = Schema::create().await;
