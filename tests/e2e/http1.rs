@@ -148,8 +148,11 @@ fn notify_request(token: &str, user: &str, subject: &str) -> String {
 }
 
 /// The subjects `user` was sent, oldest first.
-async fn subjects(s: &Server, user: &str) -> Vec<String> {
-    let answer = s.poll(&s.sid(user), "timeout=0&cursor=1.0").await;
+/// The subjects of every message `sid`'s session sees. Mint the sid before
+/// the notifies: a session's news begins at its token's `iat`, a whole
+/// second, and one minted after them may begin in the next second.
+async fn subjects(s: &Server, sid: &str) -> Vec<String> {
+    let answer = s.poll(sid, "timeout=0&cursor=1.0").await;
     answer.body["msg"]
         .as_array()
         .unwrap()
@@ -526,6 +529,7 @@ async fn a_poll_without_a_cursor_is_answered_by_its_own_runtime() {
 async fn notifies_written_together_are_answered_in_order_and_delivered() {
     let s = Server::start();
     let token = s.internal_token();
+    let (alice, bob) = (s.sid("alice@example.com"), s.sid("bob@example.com"));
     let mut raw = Raw::connect_to(s.internal).await;
     // Two notifies and a health check in one write, each body whole with
     // its head.
@@ -542,8 +546,8 @@ async fn notifies_written_together_are_answered_in_order_and_delivered() {
         assert_eq!(r.header("connection"), None);
     }
     assert_eq!(raw.reply().await.json()["status"], "ok");
-    assert_eq!(subjects(&s, "alice@example.com").await, ["one"]);
-    assert_eq!(subjects(&s, "bob@example.com").await, ["two"]);
+    assert_eq!(subjects(&s, &alice).await, ["one"]);
+    assert_eq!(subjects(&s, &bob).await, ["two"]);
 
     // A bad body is refused with its reason, and the connection goes on.
     let bad = r#"{"user":"alice@example.com","type":70"#;
@@ -555,7 +559,7 @@ async fn notifies_written_together_are_answered_in_order_and_delivered() {
     raw.send(&notify_request(&token, "alice@example.com", "three"))
         .await;
     assert_eq!(raw.reply().await.status, 202);
-    assert_eq!(subjects(&s, "alice@example.com").await, ["one", "three"]);
+    assert_eq!(subjects(&s, &alice).await, ["one", "three"]);
 }
 
 /// A sender that closes its connection as soon as its notify is written,
@@ -565,13 +569,14 @@ async fn notifies_written_together_are_answered_in_order_and_delivered() {
 async fn a_notify_whose_sender_closes_at_once_is_stored_and_counted() {
     let s = Server::start();
     let user = "alice@example.com";
+    let sid = s.sid(user);
     for subject in ["one", "two", "three"] {
         let notify = serde_json::json!({"user": user, "type": 70, "data": {"subject": subject}});
         internal_post_and_leave(&s, "/internal/v1/notify", &notify).await;
     }
     let accepted = "pns_messages_accepted_total{source=\"api\"}";
     metric_becomes(&s, accepted, 3.0).await;
-    let mut stored = subjects(&s, user).await;
+    let mut stored = subjects(&s, &sid).await;
     stored.sort();
     assert_eq!(stored, ["one", "three", "two"]);
 }
@@ -581,6 +586,7 @@ async fn a_notify_body_that_comes_later_or_after_100_continue_is_read() {
     let s = Server::start();
     let token = s.internal_token();
     let user = "alice@example.com";
+    let sid = s.sid(user);
 
     // The head and the start of the body, then the rest a while later.
     let mut raw = Raw::connect_to(s.internal).await;
@@ -604,5 +610,5 @@ async fn a_notify_body_that_comes_later_or_after_100_continue_is_read() {
     raw.send(&body).await;
     assert_eq!(raw.reply().await.status, 202);
 
-    assert_eq!(subjects(&s, user).await, ["late", "next", "continued"]);
+    assert_eq!(subjects(&s, &sid).await, ["late", "next", "continued"]);
 }
