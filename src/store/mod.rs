@@ -23,6 +23,7 @@ mod sqlite;
 mod sqlite_checkpoint;
 mod sqlite_direct;
 mod sqlite_lock;
+mod sqlite_vfs;
 mod wal_sync;
 
 pub use metered::Metered;

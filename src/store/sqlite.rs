@@ -19,8 +19,9 @@
 //! The connections run on SQLite's page cache wrapped by
 //! [`super::page_cache`], which spares a commit after a B-tree split a walk
 //! of the whole cache, and open the file through the VFS of
-//! [`super::sqlite_lock`]: the node has the file to itself, and its commits
-//! take no locks in the kernel.
+//! [`super::sqlite_vfs`]: SQLite's `unix-excl` ([`super::sqlite_lock`]), so
+//! the node has the file to itself and its commits take no locks in the
+//! kernel, with the frames of a commit written to the log in one call.
 //!
 //! Session positions are written behind: a position saved waits in
 //! [`Positions`], which answers for it at once. It is written only once a
@@ -260,7 +261,7 @@ impl SqliteStore {
             // switches to NORMAL below, and WalSync syncs behind it.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .vfs(super::sqlite_lock::VFS)
+            .vfs(super::sqlite_vfs::install())
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-16000");
         let mut writer = SqliteConnection::connect_with(&options).await?;

@@ -13,7 +13,8 @@
 
 use std::path::Path;
 
-/// The VFS the store's connections open the file through.
+/// The VFS the store's connections open the file through: the base of
+/// [`super::sqlite_vfs`], and what they use when that cannot register.
 pub const VFS: &str = "unix-excl";
 
 /// SQLite's lock bytes (`SHARED_FIRST`, `SHARED_SIZE` in `os_unix.c`): a
