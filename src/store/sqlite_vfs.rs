@@ -72,8 +72,9 @@ pub fn install() -> &'static str {
         vfs.zName = NAME.as_ptr();
         vfs.szOsFile = (std::mem::size_of::<LogFile>() as c_int).saturating_add(vfs.szOsFile);
         vfs.xOpen = Some(open);
-        // Every other method is the base's: it reads only `pAppData` and
-        // `mxPathname` of the VFS it is given, both copied from the base.
+        // Every other method is the base's, called with this VFS: none of
+        // `os_unix.c`'s reads the VFS it is given but `xOpen`, which gets
+        // the base's own (`open`).
         let vfs = Box::leak(Box::new(vfs));
         // SAFETY: SQLite keeps the pointer, which is never freed.
         if unsafe { ffi::sqlite3_vfs_register(vfs, 0) } != ffi::SQLITE_OK {
