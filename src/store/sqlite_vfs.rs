@@ -63,6 +63,7 @@ pub fn install() -> &'static str {
         // SAFETY: a nul-terminated name; SQLite initialises itself here.
         let base = unsafe { ffi::sqlite3_vfs_find(base_name.as_ptr()) };
         if base.is_null() {
+            tracing::warn!("SQLite has no unix-excl VFS; the store opens its file as SQLite does");
             return fallback;
         }
         BASE.get_or_init(|| Base(base));
@@ -78,6 +79,9 @@ pub fn install() -> &'static str {
         let vfs = Box::leak(Box::new(vfs));
         // SAFETY: SQLite keeps the pointer, which is never freed.
         if unsafe { ffi::sqlite3_vfs_register(vfs, 0) } != ffi::SQLITE_OK {
+            tracing::warn!(
+                "cannot register the store's VFS; the log's frames go out as SQLite writes them"
+            );
             return fallback;
         }
         match NAME.to_str() {
