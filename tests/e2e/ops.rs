@@ -577,6 +577,8 @@ async fn read_to_close(stream: &mut tokio::net::TcpStream, within: Duration) -> 
 #[tokio::test]
 async fn an_internal_body_that_stalls_gets_408_and_the_connection_closes() {
     let s = Server::start_with(&[("PNS_BODY_TIMEOUT_SECS", "1")]);
+    // Minted first: a session sees only what came after its token's second.
+    let sid = s.sid("alice@example.com");
     let mut raw = tokio::net::TcpStream::connect(s.internal).await.unwrap();
     let head = format!(
         "POST /internal/v1/notify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
@@ -590,8 +592,11 @@ async fn an_internal_body_that_stalls_gets_408_and_the_connection_closes() {
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("REQUEST_TIMEOUT"), "{reply}");
     // Nothing was stored.
-    let sid = s.sid("alice@example.com");
     assert_eq!(s.poll(&sid, "timeout=0").await.c(), 0);
+    assert_eq!(
+        s.internal_get("/internal/v1/stats").await.body["messagesStored"],
+        0
+    );
 }
 
 #[tokio::test]
