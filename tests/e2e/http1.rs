@@ -147,10 +147,10 @@ fn notify_request(token: &str, user: &str, subject: &str) -> String {
     format!("{}{body}", notify_head(token, body.len(), ""))
 }
 
-/// The subjects `user` was sent, oldest first.
-/// The subjects of every message `sid`'s session sees. Mint the sid before
-/// the notifies: a session's news begins at its token's `iat`, a whole
-/// second, and one minted after them may begin in the next second.
+/// The subjects of every message `sid`'s session sees, oldest first.
+/// Mint the sid before the notifies: a session's news begins at its
+/// token's `iat`, a whole second, and one minted after them may begin in
+/// the next second.
 async fn subjects(s: &Server, sid: &str) -> Vec<String> {
     let answer = s.poll(sid, "timeout=0&cursor=1.0").await;
     answer.body["msg"]
