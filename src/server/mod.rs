@@ -9,6 +9,7 @@
 //! internal one also for the notifies delivery agents send, which it
 //! answers with less work than hyper. Each hands anything else to hyper.
 
+mod accept;
 mod answer_slot;
 mod http1;
 
@@ -28,7 +29,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -201,7 +203,7 @@ impl Accepting {
     /// Accept until shutdown, spawning each connection on the main runtime.
     async fn run(self, listener: std::net::TcpListener) {
         let shutdown = self.shared.shutdown.clone();
-        let listener = match TcpListener::from_std(listener) {
+        let listener = match AsyncFd::with_interest(listener, Interest::READABLE) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot accept on the listening socket; stopping");
@@ -215,7 +217,7 @@ impl Accepting {
                 _ = shutdown.wait() => break,
             };
             let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
+                accepted = accept::accept(&listener) => match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -226,19 +228,10 @@ impl Accepting {
                 },
                 _ = shutdown.wait() => break,
             };
-            let _ = stream.set_nodelay(true);
-            // Handed over as a plain socket: it registers with the runtime
-            // its connection runs on.
-            let stream = match stream.into_std() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot hand over an accepted connection");
-                    continue;
-                }
-            };
             let shared = self.shared.clone();
             self.connections.spawn_on(
                 async move {
+                    // It registers with the reactor of the runtime it runs on.
                     if let Ok(stream) = TcpStream::from_std(stream) {
                         http1::serve(stream, peer, &shared).await;
                     }
@@ -266,6 +259,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // As std's and tokio's own bind: a restarted node need not wait for the
     // old connections' TIME_WAIT.
     socket.set_reuseaddr(true)?;
+    // Every connection accepted inherits it: an answer goes out at once,
+    // not held back until the client acknowledges the last one.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
