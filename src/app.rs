@@ -347,3 +347,18 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// A node on an SQLite store in `dir`, for tests of the parts that need
+/// one whole.
+#[cfg(test)]
+pub async fn for_tests(dir: &std::path::Path) -> Arc<App> {
+    let settings = crate::config::Settings {
+        database_url: Some(format!("sqlite://{}/pns.db", dir.display())),
+        jwt_secret: Some("a secret of more than thirty-two bytes".into()),
+        ..crate::config::Settings::default()
+    };
+    let config = Config::resolve(settings, None).expect("a valid test config");
+    App::new(config, Shutdown::new())
+        .await
+        .expect("a node on a new store")
+}

@@ -130,7 +130,7 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
 /// answered it meanwhile, and counted that answer (the poll's own, the
 /// hold ending say, is then dropped by the connection task); claiming the
 /// socket settles it, so each answer is counted once.
-fn answers_here(slot: Option<&AnswerSlot>) -> bool {
+pub fn answers_here(slot: Option<&AnswerSlot>) -> bool {
     slot.is_none_or(AnswerSlot::claim)
 }
 
@@ -252,7 +252,6 @@ impl AnswerAtCommit for AtCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Settings};
     use crate::ingest::Source;
     use crate::store::NewMessage;
     use std::io::Read;
@@ -265,15 +264,7 @@ mod tests {
     #[tokio::test]
     async fn a_poll_answered_at_commit_counts_nothing_when_its_own_answer_follows() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = Settings {
-            database_url: Some(format!("sqlite://{}/pns.db", dir.path().display())),
-            jwt_secret: Some("a secret of more than thirty-two bytes".into()),
-            ..Settings::default()
-        };
-        let config = Config::resolve(settings, None).unwrap();
-        let app = App::new(config, crate::shutdown::Shutdown::new())
-            .await
-            .unwrap();
+        let app = crate::app::for_tests(dir.path()).await;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
