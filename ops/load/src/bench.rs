@@ -18,10 +18,10 @@ use crate::conn::{source_addr, Conn};
 use crate::report::{self, Phase, RampCpu, RatePhase, TargetReport};
 use crate::servers::{self, Server};
 use crate::stats;
-use crate::worker::{Cmd, Counts, Event, WorkerReport};
+use crate::worker::{Cmd, Counts, Event, Receipt, WorkerReport};
 use crate::{nchan, pns, Payload, TargetKind};
 use anyhow::{bail, Context};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,6 +107,13 @@ pub struct BenchArgs {
     /// Where the servers keep their data (default: the temp dir).
     #[arg(long)]
     pub scratch: Option<PathBuf>,
+    /// Also write every message received to this file, a line each (tab
+    /// separated, with a header): target, round, phase, when its delivery
+    /// started (CLOCK_MONOTONIC ns, the clock of `perf record -k
+    /// CLOCK_MONOTONIC`), its latency in µs, and its number; to see when
+    /// the slow ones came, and what the machine ran then.
+    #[arg(long)]
+    pub deliveries: Option<PathBuf>,
 }
 
 /// Returns whether every target delivered every message exactly once.
@@ -129,6 +136,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             continue;
         }
         kinds.push(kind);
+    }
+    if let Some(path) = &args.deliveries {
+        start_deliveries(path)?;
     }
     let mut targets = Vec::new();
     for round in 1..=args.rounds {
@@ -398,15 +408,18 @@ async fn measure_server(
     let mut receipts = Vec::new();
     let mut latency: [Vec<u32>; 4] = Default::default();
     let (mut poll_errors, mut first_poll_error) = (0, None);
-    for r in reports {
-        receipts.extend(r.receipts);
-        for (p, samples) in r.latency_us {
-            if let Some(slot) = latency.get_mut(usize::from(p)) {
-                slot.extend(samples);
+    for r in &reports {
+        for receipt in &r.receipts {
+            receipts.push(receipt.k);
+            if let Some(slot) = latency.get_mut(phase_of(receipt.k)) {
+                slot.push(receipt.us);
             }
         }
         poll_errors += r.errors;
-        first_poll_error = first_poll_error.or(r.first_error);
+        first_poll_error = first_poll_error.or(r.first_error.clone());
+    }
+    if let Some(path) = &args.deliveries {
+        append_deliveries(path, name, round, &reports)?;
     }
     let seen = stats::count(&receipts);
     let in_phase = |p: u8| move |k: u64| k / PHASE_SPAN == u64::from(p);
@@ -500,6 +513,49 @@ async fn measure_server(
 /// `d` in whole µs, saturating.
 fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// The phase a message number belongs to.
+fn phase_of(k: u64) -> usize {
+    usize::try_from(k / PHASE_SPAN).unwrap_or(usize::MAX)
+}
+
+/// Start the file of `--deliveries` with its header.
+fn start_deliveries(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(
+        path,
+        "target\tround\tphase\tstart_ns\tlatency_us\tmessage\n",
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Add the messages `reports` received to the file of `--deliveries`.
+fn append_deliveries(
+    path: &Path,
+    target: &str,
+    round: u32,
+    reports: &[WorkerReport],
+) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for receipt in reports.iter().flat_map(|r| &r.receipts) {
+        let phase = match u8::try_from(phase_of(receipt.k)) {
+            Ok(SINGLE) => "single",
+            Ok(RATE) => "rate",
+            Ok(BATCH) => "batch",
+            _ => "other",
+        };
+        let Receipt { k, t, us } = receipt;
+        out.push_str(&format!("{target}\t{round}\t{phase}\t{t}\t{us}\t{k}\n"));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot append to {}", path.display()))?;
+    std::io::Write::write_all(&mut file, out.as_bytes())
+        .with_context(|| format!("cannot append to {}", path.display()))
 }
 
 fn phase_base(p: u8) -> u64 {
@@ -835,6 +891,44 @@ mod tests {
         let before = crate::mono_ns();
         let t = stamp(false, due);
         assert!(t >= before && t <= crate::mono_ns(), "{t} not when it left");
+    }
+
+    /// The deliveries file has a line for every receipt, repeats included,
+    /// after its header, round after round.
+    #[test]
+    fn every_receipt_is_a_line_of_the_deliveries_file() {
+        let path = std::env::temp_dir().join(format!("pns-load-deliveries-{}", std::process::id()));
+        let receipt = |k, us| Receipt { k, t: 7, us };
+        let one = WorkerReport {
+            receipts: vec![
+                receipt(phase_base(SINGLE) + 3, 10),
+                receipt(phase_base(RATE), 20),
+            ],
+            ..WorkerReport::default()
+        };
+        let other = WorkerReport {
+            receipts: vec![
+                receipt(phase_base(BATCH) + 1, 30),
+                receipt(phase_base(BATCH) + 1, 31),
+            ],
+            ..WorkerReport::default()
+        };
+        start_deliveries(&path).unwrap();
+        append_deliveries(&path, "pns", 1, &[one, other]).unwrap();
+        append_deliveries(&path, "nchan", 2, &[]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "target\tround\tphase\tstart_ns\tlatency_us\tmessage",
+                "pns\t1\tsingle\t7\t10\t100000003",
+                "pns\t1\trate\t7\t20\t200000000",
+                "pns\t1\tbatch\t7\t30\t300000001",
+                "pns\t1\tbatch\t7\t31\t300000001",
+            ]
+        );
     }
 
     /// Each acknowledged request adds its acknowledgement time, a refused

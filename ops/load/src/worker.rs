@@ -10,7 +10,7 @@ use crate::conn::{source_addr, Conn};
 use crate::{nchan, pns, Payload, TargetKind};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,19 +95,27 @@ pub struct Counts {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct WorkerReport {
-    /// The message number of every receipt, repeats included.
-    pub receipts: Vec<u64>,
-    /// Latency samples in µs, by phase.
-    pub latency_us: Vec<(u8, Vec<u32>)>,
+    /// Every receipt, repeats included.
+    pub receipts: Vec<Receipt>,
     pub errors: u64,
     pub first_error: Option<String>,
 }
 
+/// One message received.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The message's number.
+    pub k: u64,
+    /// When its delivery started, as it carries it (CLOCK_MONOTONIC ns).
+    pub t: u64,
+    /// µs from then until it was received.
+    pub us: u32,
+}
+
 #[derive(Default)]
 struct Recorder {
-    receipts: Vec<u64>,
+    receipts: Vec<Receipt>,
     distinct: HashSet<u64>,
-    latency_us: HashMap<u8, Vec<u32>>,
     first_error: Option<String>,
 }
 
@@ -126,13 +134,13 @@ impl Shared {
         let now = crate::mono_ns();
         let mut r = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
         for p in payloads {
-            r.receipts.push(p.k);
-            r.distinct.insert(p.k);
             let us = now.saturating_sub(p.t) / 1000;
-            r.latency_us
-                .entry(p.p)
-                .or_default()
-                .push(u32::try_from(us).unwrap_or(u32::MAX));
+            r.receipts.push(Receipt {
+                k: p.k,
+                t: p.t,
+                us: u32::try_from(us).unwrap_or(u32::MAX),
+            });
+            r.distinct.insert(p.k);
         }
     }
 
@@ -157,7 +165,6 @@ impl Shared {
         let r = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
         WorkerReport {
             receipts: r.receipts.clone(),
-            latency_us: r.latency_us.iter().map(|(p, v)| (*p, v.clone())).collect(),
             errors: self.errors.load(Ordering::Relaxed),
             first_error: r.first_error.clone(),
         }
