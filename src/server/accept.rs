@@ -16,7 +16,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd};
 use tokio::io::unix::AsyncFd;
 
-/// The next connection on `listener` (non-blocking), and its peer.
+/// The next connection on `listener` (non-blocking), and its peer. A
+/// connection that failed on its way in is passed over; the error returned
+/// is the listener's (out of descriptors or memory, say).
 pub async fn accept(
     listener: &AsyncFd<std::net::TcpListener>,
 ) -> io::Result<(std::net::TcpStream, SocketAddr)> {
@@ -25,10 +27,36 @@ pub async fn accept(
         // A would-block clears the readiness and waits again; any other
         // outcome keeps it, so a backlog of connections is taken without
         // asking the reactor between them.
-        if let Ok(accepted) = ready.try_io(|listener| accept_now(listener.get_ref())) {
-            return accepted;
+        match ready.try_io(|listener| accept_now(listener.get_ref())) {
+            Ok(Err(e)) if of_that_connection_only(&e) => {
+                tracing::debug!(error = %e, "a connection failed before it was accepted");
+            }
+            Ok(accepted) => return accepted,
+            Err(_would_block) => {}
         }
     }
+}
+
+/// Whether `e`, from `accept4`, concerns only the connection it was
+/// taking: Linux passes a connection's pending network error on through
+/// `accept`, and the next connection may well be fine (accept(2) asks to
+/// treat these as "try again"; EPERM is a firewall refusing that one).
+fn of_that_connection_only(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENONET
+                | libc::EOPNOTSUPP
+                | libc::EPERM
+        )
+    )
 }
 
 fn accept_now(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
@@ -84,6 +112,30 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection's own failure is passed over, at once; running out of
+    /// descriptors or memory is the listener's, for the caller to wait out.
+    #[test]
+    fn only_a_connections_own_failure_is_passed_over() {
+        let of = |errno| of_that_connection_only(&io::Error::from_raw_os_error(errno));
+        for errno in [
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ENETUNREACH,
+            libc::EPERM,
+        ] {
+            assert!(of(errno), "{}", io::Error::from_raw_os_error(errno));
+        }
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EBADF,
+        ] {
+            assert!(!of(errno), "{}", io::Error::from_raw_os_error(errno));
+        }
+    }
 
     /// What the client sees of a connection is what `accept` says of its
     /// peer, over IPv4 and IPv6; the socket is non-blocking (tokio takes it

@@ -220,7 +220,8 @@ impl Accepting {
                 accepted = accept::accept(&listener) => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
+                        // Out of descriptors or memory: back off instead
+                        // of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
