@@ -33,9 +33,13 @@ impl DelayScheduler {
     }
 
     pub async fn run(self: Arc<Self>, store: SharedStore, hub: Arc<Hub>, shutdown: Shutdown) {
+        // A store that wakes the hub after its commits wakes the users
+        // whose messages it released; a second wake here would cost each
+        // of their polls, held again by then, a read for nothing.
+        let wakes = (!store.wake_after_commits(hub.clone())).then_some(&*hub);
         loop {
             let now = crate::clock::now_ms();
-            let sleep = match release_and_peek(&store, &hub, now).await {
+            let sleep = match release_and_peek(&store, wakes, now).await {
                 Ok(Some(due)) => {
                     Duration::from_millis(u64::try_from(due - now).unwrap_or(0)).min(MAX_SLEEP)
                 }
@@ -54,16 +58,18 @@ impl DelayScheduler {
     }
 }
 
+/// Release what is due, waking its users on `wakes` if given; then the
+/// next due time.
 async fn release_and_peek(
     store: &SharedStore,
-    hub: &Hub,
+    wakes: Option<&Hub>,
     now: i64,
 ) -> crate::store::StoreResult<Option<i64>> {
-    // A store that wakes the hub after its commits has woken them already;
-    // a second wake costs each of their polls one read, and only for
-    // delayed messages.
-    for user in store.release_due(now).await? {
-        hub.wake(&user);
+    let released = store.release_due(now).await?;
+    if let Some(hub) = wakes {
+        for user in released {
+            hub.wake(&user);
+        }
     }
     store.next_due().await
 }
