@@ -36,11 +36,10 @@ mod worker;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-/// jemalloc, as the server. With glibc's allocator the workers' heaps grew
-/// through the ramp a `mprotect` at a time, on the cores the servers are
-/// measured on, and more in PNS's ramps, whose polls carry a session
-/// token: over five pairs of rounds the tool's CPU in PNS's ramps went
-/// from 1.06 to 0.85 s with jemalloc, in Nchan's from 0.93 to 0.87 s
+/// jemalloc, as the server. With glibc's allocator the tool took more of
+/// the cores the servers are measured on, and more in PNS's ramps than in
+/// Nchan's: over five pairs of rounds its CPU in PNS's ramps went from
+/// 1.06 to 0.85 s with jemalloc, in Nchan's from 0.93 to 0.87 s
 /// (docs/BENCHMARKS.md, ³⁷).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
