@@ -42,6 +42,8 @@ pub fn decode_cursor(s: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::BadRequest("cursor is not one this server issued".into()))
 }
 
+/// The poll's answer, counted in the metrics unless the thread that
+/// committed its news answered it first (and counted that answer).
 pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiError> {
     let PollRequest {
         session,
@@ -52,7 +54,23 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
     // A poll without a cursor has its position saved before its answer,
     // which is no work for the committing thread.
     let lent = lent.filter(|_| cursor.is_some());
-    let slot = lent.as_ref().map(|(slot, _)| &**slot);
+    let answered = answer_lent(app, &session, cursor, timeout, lent.as_ref()).await;
+    if answered.is_err() && answers_here(lent.as_ref().map(|(slot, _)| &**slot)) {
+        app.metrics.answered(Outcome::error);
+    }
+    answered
+}
+
+/// [`answer`], with the socket `lent` for an answer at the commit; counts
+/// every answer but an error.
+async fn answer_lent(
+    app: &Arc<App>,
+    session: &Session,
+    cursor: Option<i64>,
+    timeout: Duration,
+    lent: Option<&(Arc<AnswerSlot>, HeadId)>,
+) -> Result<PollAnswer, ApiError> {
+    let slot = lent.map(|(slot, _)| &**slot);
     let after = match cursor {
         Some(seq) => seq,
         None => app.store.position(&session.key).await?.unwrap_or(0),
@@ -64,7 +82,7 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
     loop {
         // Park before reading, so a commit between the read and the wait
         // still wakes this poll.
-        let at_commit = lent.as_ref().map(|(slot, head)| {
+        let at_commit = lent.map(|(slot, head)| {
             Box::new(AtCommit {
                 app: app.clone(),
                 slot: slot.clone(),
@@ -100,7 +118,7 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
             }
             if !found.is_empty() {
                 drop(parked);
-                return deliver(app, slot, &session, cursor.is_none(), found, more).await;
+                return deliver(app, slot, session, cursor.is_none(), found, more).await;
             }
         }
         if timeout.is_zero() {
@@ -110,14 +128,14 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
             wake = parked.woken() => match wake {
                 // A revocation heard from another node (or reloaded after
                 // a reconnect) reaches a held poll as a wake.
-                Wake::News if app.sessions.is_revoked(&session) => {
+                Wake::News if app.sessions.is_revoked(session) => {
                     return Err(SessionError::Revoked.into());
                 }
                 Wake::News => continue,
                 Wake::Superseded => return Ok(empty(app, slot, after, Outcome::superseded)),
                 Wake::ShuttingDown => return Ok(empty(app, slot, after, Outcome::shutdown)),
                 Wake::Capped => return Ok(empty(app, slot, after, Outcome::capped)),
-                // Counted as an error answer by the handler.
+                // Counted as an error answer by `answer`.
                 Wake::Revoked => return Err(SessionError::Revoked.into()),
             },
             _ = tokio::time::sleep_until(deadline) => return Ok(empty(app, slot, after, Outcome::timeout)),
@@ -130,7 +148,7 @@ pub async fn answer(app: &Arc<App>, req: PollRequest) -> Result<PollAnswer, ApiE
 /// answered it meanwhile, and counted that answer (the poll's own, the
 /// hold ending say, is then dropped by the connection task); claiming the
 /// socket settles it, so each answer is counted once.
-pub fn answers_here(slot: Option<&AnswerSlot>) -> bool {
+fn answers_here(slot: Option<&AnswerSlot>) -> bool {
     slot.is_none_or(AnswerSlot::claim)
 }
 
@@ -253,9 +271,39 @@ impl AnswerAtCommit for AtCommit {
 mod tests {
     use super::*;
     use crate::ingest::Source;
+    use crate::session::SessionError;
     use crate::store::NewMessage;
     use std::io::Read;
     use std::os::fd::AsRawFd;
+
+    /// `user`'s poll with a cursor, lending `slot`, held on its own task.
+    async fn held(
+        app: &Arc<App>,
+        user: &str,
+        slot: Arc<AnswerSlot>,
+        timeout: Duration,
+    ) -> tokio::task::JoinHandle<Result<PollAnswer, ApiError>> {
+        let request = PollRequest {
+            session: Session {
+                key: format!("session of {user}"),
+                user: user.into(),
+                start_ms: 0,
+                expires_ms: i64::MAX,
+            },
+            cursor: Some(0),
+            timeout,
+            lent: Some((slot, app.poll_heads.id(None))),
+        };
+        let held_before = app.hub.held();
+        let task = tokio::spawn({
+            let app = app.clone();
+            async move { answer(&app, request).await }
+        });
+        while app.hub.held() == held_before {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        task
+    }
 
     /// A poll answered where its mail was committed, whose own answer comes
     /// anyway (here its hold ends before anything else looks at the slot;
@@ -270,24 +318,7 @@ mod tests {
         let (server, _) = listener.accept().unwrap();
         let slot = Arc::new(AnswerSlot::new(server.as_raw_fd()));
         let user = "alice@example.com";
-        let request = PollRequest {
-            session: Session {
-                key: "session-1".into(),
-                user: user.into(),
-                start_ms: 0,
-                expires_ms: i64::MAX,
-            },
-            cursor: Some(0),
-            timeout: Duration::from_millis(300),
-            lent: Some((slot, app.poll_heads.id(None))),
-        };
-        let held = tokio::spawn({
-            let app = app.clone();
-            async move { answer(&app, request).await }
-        });
-        while app.hub.held() == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let held = held(&app, user, slot, Duration::from_millis(300)).await;
         let mail = NewMessage {
             user: user.into(),
             kind: 70,
@@ -310,5 +341,37 @@ mod tests {
         assert_eq!(app.metrics.answers(Outcome::timeout), 0);
         assert_eq!(app.metrics.answers(Outcome::message), 1);
         assert_eq!(app.metrics.delivered.get(), 1);
+    }
+
+    /// A poll whose answer went out from the thread that committed its
+    /// news, and whose own answer is then an error (its session revoked
+    /// while it is still held): the client never gets that error, so it
+    /// is not counted. The same error given to the client is.
+    #[tokio::test]
+    async fn an_error_answer_is_counted_only_when_the_client_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = crate::app::for_tests(dir.path()).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        for (user, answered_at_commit, errors) in [
+            ("alice@example.com", true, 0),
+            ("bob@example.com", false, 1),
+        ] {
+            let slot = Arc::new(AnswerSlot::new(socket.as_raw_fd()));
+            if answered_at_commit {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                assert!(slot.answer(answer, ()).is_ok());
+            }
+            let held = held(&app, user, slot, Duration::from_secs(30)).await;
+            app.revoke_user(user).await.unwrap();
+            let answered = held.await.unwrap();
+            assert!(
+                matches!(answered, Err(ApiError::Session(SessionError::Revoked))),
+                "{user}: {:?}",
+                answered.map(|a| a.c)
+            );
+            assert_eq!(app.metrics.answers(Outcome::error), errors, "{user}");
+        }
     }
 }

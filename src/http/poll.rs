@@ -177,14 +177,14 @@ impl DirectRoute for DirectPoll {
 }
 
 /// Once the checks pass, answer the poll (holding it until there is news);
-/// an error answer is counted here, unless the thread that committed the
-/// poll's news answered it first (and counted that answer).
+/// a refusal by the checks is counted here, any other error answer by
+/// [`crate::poll::answer`].
 async fn hold(
     app: &Arc<App>,
     admitting: impl Future<Output = Result<PollRequest, ApiError>>,
 ) -> Result<crate::wire::PollAnswer, ApiError> {
     // In a block: what only the checks need takes no room while held.
-    let (key, lent, answering) = {
+    let (key, answering) = {
         let request = match admitting.await {
             Ok(request) => request,
             Err(e) => {
@@ -193,23 +193,13 @@ async fn hold(
             }
         };
         let key = request.session.key.clone();
-        let lent = request.lent.as_ref().map(|(slot, _)| slot.clone());
-        (key, lent, crate::poll::answer(app, request))
+        (key, crate::poll::answer(app, request))
     };
-    match answering.await {
-        Ok(answer) => {
-            if answer.c > 0 {
-                app.registry.delivered(&key, answer.c as u64);
-            }
-            Ok(answer)
-        }
-        Err(e) => {
-            if crate::poll::answers_here(lent.as_deref()) {
-                app.metrics.answered(Outcome::error);
-            }
-            Err(e)
-        }
+    let answer = answering.await?;
+    if answer.c > 0 {
+        app.registry.delivered(&key, answer.c as u64);
     }
+    Ok(answer)
 }
 
 /// The checks of a poll, up to the request for [`crate::poll::answer`].
@@ -307,57 +297,6 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Session, SessionError};
-    use std::os::fd::AsRawFd;
-
-    /// A poll whose answer went out from the thread that committed its
-    /// news, and whose own answer is then an error (its session revoked
-    /// while it is still held): the client never gets that error, so it
-    /// is not counted. The same error given to the client is.
-    #[tokio::test]
-    async fn an_error_answer_is_counted_only_when_the_client_gets_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let app = crate::app::for_tests(dir.path()).await;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (socket, _) = listener.accept().unwrap();
-        for (user, answered_at_commit, errors) in [
-            ("alice@example.com", true, 0),
-            ("bob@example.com", false, 1),
-        ] {
-            let slot = Arc::new(AnswerSlot::new(socket.as_raw_fd()));
-            if answered_at_commit {
-                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-                assert!(slot.answer(answer, ()).is_ok());
-            }
-            let request = PollRequest {
-                session: Session {
-                    key: format!("session of {user}"),
-                    user: user.into(),
-                    start_ms: 0,
-                    expires_ms: i64::MAX,
-                },
-                cursor: Some(0),
-                timeout: Duration::from_secs(30),
-                lent: Some((slot, app.poll_heads.id(None))),
-            };
-            let held = tokio::spawn({
-                let app = app.clone();
-                async move { hold(&app, std::future::ready(Ok(request))).await }
-            });
-            while app.hub.held() == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            app.revoke_user(user).await.unwrap();
-            let answered = held.await.unwrap();
-            assert!(
-                matches!(answered, Err(ApiError::Session(SessionError::Revoked))),
-                "{user}: {:?}",
-                answered.map(|a| a.c)
-            );
-            assert_eq!(app.metrics.answers(Outcome::error), errors, "{user}");
-        }
-    }
 
     /// What the poll parsed its query with before: serde_urlencoded.
     #[derive(Debug, Default, serde::Deserialize, PartialEq)]
