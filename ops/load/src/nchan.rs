@@ -8,8 +8,8 @@ use crate::conn::Conn;
 use crate::Payload;
 use anyhow::Context;
 use bytes::Bytes;
-use hyper::header::{ETAG, LAST_MODIFIED};
-use hyper::{Method, StatusCode};
+use http::header::{ETAG, LAST_MODIFIED};
+use http::{Method, StatusCode};
 use std::time::Duration;
 
 /// The subscriber timeout in ops/nchan/nginx.conf, as PNS's hold.
@@ -56,7 +56,7 @@ impl Subscriber {
                     reply
                         .headers
                         .get(h)
-                        .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
+                        .and_then(|v: &http::header::HeaderValue| v.to_str().ok())
                         .map(str::to_owned)
                 };
                 self.last_modified = text(LAST_MODIFIED);

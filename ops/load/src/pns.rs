@@ -7,7 +7,7 @@ use crate::conn::Conn;
 use crate::Payload;
 use anyhow::Context;
 use bytes::Bytes;
-use hyper::{Method, StatusCode};
+use http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
