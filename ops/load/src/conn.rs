@@ -57,6 +57,11 @@ impl Conn {
     /// Connect from `source` (port chosen by the kernel) to `server`.
     pub async fn open(source: Ipv4Addr, server: SocketAddr) -> anyhow::Result<Conn> {
         let socket = TcpSocket::new_v4()?;
+        // Closed with a reset, as a worker's thousands are when it quits:
+        // a closing handshake would leave each in TIME_WAIT for a minute on
+        // its source address, which the next round of the same target binds
+        // again, and whose port search then passes over them all.
+        socket.set_linger(Some(Duration::ZERO))?;
         socket
             .bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))
             .with_context(|| format!("cannot bind a client socket to {source}"))?;
