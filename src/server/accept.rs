@@ -112,6 +112,8 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
 
     /// A connection's own failure is passed over, at once; running out of
     /// descriptors or memory is the listener's, for the caller to wait out.
@@ -139,9 +141,11 @@ mod tests {
 
     /// What the client sees of a connection is what `accept` says of its
     /// peer, over IPv4 and IPv6; the socket is non-blocking (tokio takes it
-    /// as it is), closed on exec, and has Nagle off, from the listener.
+    /// as it is), closed on exec, and has Nagle off, from the listener; and
+    /// it comes to `accept` only once the client has sent something, which
+    /// is then there to read.
     #[tokio::test]
-    async fn a_connection_comes_with_its_peer_non_blocking_and_without_delay() {
+    async fn a_connection_comes_once_it_has_sent_with_its_peer_non_blocking_and_without_delay() {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let addr: SocketAddr = addr.parse().expect("an address");
             let listener = match super::super::bind(addr) {
@@ -153,10 +157,30 @@ mod tests {
             let local = listener.local_addr().expect("its address");
             let listener =
                 AsyncFd::new(listener.into_std().expect("a std listener")).expect("registered");
-            let client = tokio::net::TcpStream::connect(local)
+            let mut client = tokio::net::TcpStream::connect(local)
                 .await
                 .expect("connected");
+            let early = tokio::time::timeout(Duration::from_millis(300), accept(&listener)).await;
+            assert!(
+                early.is_err(),
+                "accepted before the client sent anything, for {addr}"
+            );
+            client.write_all(b"GET").await.expect("sent");
             let (stream, peer) = accept(&listener).await.expect("accepted");
+            let mut first = [0u8; 8];
+            // SAFETY: recv into a buffer we own, of its length.
+            let read = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    first.as_mut_ptr().cast(),
+                    first.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            assert_eq!(
+                read, 3,
+                "the request is not there to read at once, for {addr}"
+            );
             assert_eq!(peer, client.local_addr().expect("the client's address"));
             assert_eq!(stream.peer_addr().expect("its peer"), peer);
             // SAFETY: plain fcntl queries on a descriptor we own.

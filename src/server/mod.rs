@@ -250,6 +250,11 @@ impl Accepting {
 /// dropped from a full queue waits a second for its SYN to be sent again.
 pub const LISTEN_BACKLOG: u32 = 16_384;
 
+/// How long the kernel keeps a connection that has sent nothing from
+/// `accept` (`TCP_DEFER_ACCEPT`), in seconds; past it, the connection is
+/// accepted anyway and its head waits out the header timeout.
+pub const DEFER_ACCEPT_SECS: libc::c_int = 5;
+
 /// Listen on `addr` with a backlog of [`LISTEN_BACKLOG`].
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -263,8 +268,43 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // Every connection accepted inherits it: an answer goes out at once,
     // not held back until the client acknowledges the last one.
     socket.set_nodelay(true)?;
+    // A connection comes to `accept` with its first request already there,
+    // as browsers send it as soon as they connect: the server is woken once
+    // for it, not once for the handshake and again for the request, and a
+    // client that connects and stays silent holds no descriptor meanwhile.
+    // Its request can be read at once. nginx's `listen ... deferred`.
+    set_int_option(
+        &socket,
+        libc::IPPROTO_TCP,
+        libc::TCP_DEFER_ACCEPT,
+        DEFER_ACCEPT_SECS,
+    )?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+fn set_int_option(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&value`,
+    // which lives across the call.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The address a request came from.
