@@ -251,7 +251,8 @@ impl Accepting {
 pub const LISTEN_BACKLOG: u32 = 16_384;
 
 /// How long the kernel keeps a connection that has sent nothing from
-/// `accept` (`TCP_DEFER_ACCEPT`), in seconds; past it, the connection is
+/// `accept` (`TCP_DEFER_ACCEPT`), in seconds; past it (Linux rounds it up
+/// to its handshake's retransmissions: about 7 s), the connection is
 /// accepted anyway and its head waits out the header timeout.
 pub const DEFER_ACCEPT_SECS: libc::c_int = 5;
 
@@ -271,8 +272,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // A connection comes to `accept` with its first request already there,
     // as browsers send it as soon as they connect: the server is woken once
     // for it, not once for the handshake and again for the request, and a
-    // client that connects and stays silent holds no descriptor meanwhile.
-    // Its request can be read at once. nginx's `listen ... deferred`.
+    // client that connects and stays silent holds no descriptor meanwhile
+    // (nginx's `listen ... deferred`).
     set_int_option(
         &socket,
         libc::IPPROTO_TCP,
