@@ -42,7 +42,8 @@ pub struct Conn {
     /// Read from the socket and not yet part of an answer.
     read: BytesMut,
     host: String,
-    /// The server said it closes the connection after its last answer.
+    /// The server said it closes the connection after its last answer, or
+    /// an exchange failed.
     closing: bool,
 }
 
@@ -110,17 +111,23 @@ impl Conn {
         limit: Duration,
     ) -> anyhow::Result<Reply> {
         if self.closing {
-            bail!("the server closed the connection after its last answer");
+            bail!("the connection ended with its last answer, or failed");
         }
         let request = encode(&method, path_and_query, &self.host, headers, &body);
         let exchange = async {
             self.stream.write_all(&request).await?;
             self.read_answer(method == Method::HEAD).await
         };
-        match tokio::time::timeout(limit, exchange).await {
+        let answered = match tokio::time::timeout(limit, exchange).await {
             Ok(r) => r,
-            Err(_) => anyhow::bail!("no answer within {limit:?}"),
+            Err(_) => Err(anyhow::anyhow!("no answer within {limit:?}")),
+        };
+        // After a failure the stream may hold part of an answer: nothing
+        // more is read from it, so no later request takes that for its own.
+        if answered.is_err() {
+            self.closing = true;
         }
+        answered
     }
 
     /// Read one answer: its head, then a body framed as the head says.
@@ -342,7 +349,7 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(err.to_string().contains("closed"), "{err}");
+        assert!(err.to_string().contains("ended"), "{err}");
 
         let seen = server.await.unwrap();
         assert!(
@@ -361,6 +368,45 @@ mod tests {
             .next()
             .unwrap();
         assert!(!get_b.contains("content-length"), "{seen}");
+    }
+
+    /// An answer that comes after the request gave up is never taken for
+    /// the next request's.
+    #[tokio::test]
+    async fn a_connection_is_not_used_after_an_answer_came_too_late() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let late = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate";
+            s.write_all(late).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut conn = Conn::open(Ipv4Addr::LOCALHOST, addr).await.unwrap();
+        let first = conn
+            .request(
+                Method::GET,
+                "/",
+                &[],
+                Bytes::new(),
+                Duration::from_millis(50),
+            )
+            .await
+            .err()
+            .unwrap();
+        assert!(first.to_string().contains("no answer within"), "{first}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = conn
+            .request(Method::GET, "/", &[], Bytes::new(), Duration::from_secs(10))
+            .await;
+        assert!(
+            second.is_err(),
+            "took the late answer: {:?}",
+            second.map(|r| r.body)
+        );
     }
 
     #[tokio::test]
