@@ -61,7 +61,8 @@ impl Conn {
         // Closed with a reset, as a worker's thousands are when it quits:
         // a closing handshake would leave each in TIME_WAIT for a minute on
         // its source address, which the next round of the same target binds
-        // again, and whose port search then passes over them all.
+        // again; that round's ramp ran slower, on both sides
+        // (docs/BENCHMARKS.md, ³⁹).
         socket.set_linger(Some(Duration::ZERO))?;
         socket
             .bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))
