@@ -422,7 +422,7 @@ async fn measure_server(
         append_deliveries(path, name, round, &reports)?;
     }
     let seen = stats::count(&receipts);
-    let in_phase = |p: u8| move |k: u64| k / PHASE_SPAN == u64::from(p);
+    let in_phase = |p: u8| move |k: u64| phase_of(k) == usize::from(p);
     let mut all_acked = single.acked.clone();
     all_acked.extend(&rate.acked);
     all_acked.extend(&batch.acked);
