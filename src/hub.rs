@@ -375,10 +375,11 @@ impl Hub {
     /// is answered here, with what `read` finds for it. When the commit
     /// brought news to more than [`MAX_USERS_ANSWERED_AT_COMMIT`] users,
     /// the polls' runtime is sent all but an even share of them first, and
-    /// this thread answers that share meanwhile: until its next round may
-    /// begin (`answers_caught_up`) it would otherwise wait, while a core
-    /// went idle under the writer's next insert (batches of 500, 2 runtime
-    /// threads: 8–11 % more messages a second, docs/BENCHMARKS.md, ⁴²).
+    /// this thread answers that share meanwhile. Otherwise it would only
+    /// wait for those answers ([`Hub::answers_caught_up`]), and its next
+    /// insert then ran alone on one core while the other had nothing to do
+    /// (batches of 500 with two runtime threads: 28,157 → 32,091 messages
+    /// a second at the median of six pairs, docs/BENCHMARKS.md, ⁴²).
     pub fn wake_after_commit(&self, users: &[String], read: ReadNews<'_>) {
         let here = if users.len() <= MAX_USERS_ANSWERED_AT_COMMIT {
             users.len()
@@ -386,13 +387,16 @@ impl Hub {
             users.len() / self.answering_threads
         };
         let (here, elsewhere) = users.split_at(here);
-        let mut news = Vec::new();
-        for user in elsewhere {
-            if let Some(waiters) = self.take_waiters(user) {
-                news.extend(waiters.into_iter().map(|w| w.wake));
-            }
+        if !elsewhere.is_empty() {
+            // Taken before `send_news` locks the relay's queue.
+            let waiters: Vec<Waiter> = elsewhere
+                .iter()
+                .filter_map(|user| self.take_waiters(user))
+                .flatten()
+                .collect();
+            self.send_news(waiters.into_iter().map(|w| w.wake));
         }
-        self.send_news(std::mem::take(&mut news));
+        let mut news = Vec::new();
         for user in here {
             for w in self.take_waiters(user).unwrap_or_default() {
                 let Some(answer) = w.at_commit else {
