@@ -1,6 +1,7 @@
 //! Retention: the background purge that keeps the store to its policy (per
 //! user the newest N messages, none older than the maximum age), and drops
-//! dedup keys, positions and revocations that have outlived it.
+//! dedup keys, positions, revocations and opaque sessions that have outlived
+//! it.
 
 use crate::session::SessionValidator;
 use crate::shutdown::Shutdown;
@@ -27,6 +28,7 @@ pub async fn run(
                 dedup_keys = r.dedup_keys,
                 positions = r.positions,
                 revocations = r.revocations,
+                opaque_sessions = r.opaque_sessions,
                 "retention purge"
             ),
             Err(e) => tracing::warn!(error = %e, "retention purge failed"),

@@ -155,6 +155,58 @@ pub struct PurgeReport {
     pub opaque_sessions: u64,
 }
 
+/// What a purge deletes besides messages, the same in both stores.
+pub(super) const PURGED_BESIDE_MESSAGES: [Expiry; 4] = [
+    Expiry {
+        sql: "DELETE FROM dedup_keys WHERE created_ms < $1",
+        count: |r| &mut r.dedup_keys,
+        older_than: OlderThan::Retention,
+    },
+    Expiry {
+        sql: "DELETE FROM session_positions WHERE updated_ms < $1",
+        count: |r| &mut r.positions,
+        older_than: OlderThan::Retention,
+    },
+    Expiry {
+        sql: "DELETE FROM revoked_sessions WHERE expires_ms < $1",
+        count: |r| &mut r.revocations,
+        older_than: OlderThan::Now,
+    },
+    Expiry {
+        sql: "DELETE FROM opaque_sessions WHERE expires_ms < $1",
+        count: |r| &mut r.opaque_sessions,
+        older_than: OlderThan::Now,
+    },
+];
+
+/// One statement of a purge.
+pub(super) struct Expiry {
+    /// Written with `$1`, which SQLite takes too.
+    pub sql: &'static str,
+    /// The report's count it sets.
+    pub count: fn(&mut PurgeReport) -> &mut u64,
+    /// What `$1` is.
+    pub older_than: OlderThan,
+}
+
+/// What an [`Expiry`] compares with.
+#[derive(Clone, Copy)]
+pub(super) enum OlderThan {
+    /// Older than the retention allows (dedup keys, positions).
+    Retention,
+    /// Expired (revocations and opaque sessions, which carry their end).
+    Now,
+}
+
+impl OlderThan {
+    pub(super) fn ms(self, policy: RetentionPolicy, now_ms: i64) -> i64 {
+        match self {
+            OlderThan::Retention => now_ms - policy.max_age_ms,
+            OlderThan::Now => now_ms,
+        }
+    }
+}
+
 /// An opaque session (a webmail sid that is not a JWT), known by the SHA-256
 /// of its sid; the sid itself is never stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -962,26 +962,13 @@ impl MessageStore for PgStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        report.dedup_keys = sqlx::query("DELETE FROM dedup_keys WHERE created_ms < $1")
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        report.positions = sqlx::query("DELETE FROM session_positions WHERE updated_ms < $1")
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        report.revocations = sqlx::query("DELETE FROM revoked_sessions WHERE expires_ms < $1")
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        report.opaque_sessions = sqlx::query("DELETE FROM opaque_sessions WHERE expires_ms < $1")
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        for expiry in super::PURGED_BESIDE_MESSAGES {
+            *(expiry.count)(&mut report) = sqlx::query(expiry.sql)
+                .bind(expiry.older_than.ms(policy, now_ms))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
         tx.commit().await?;
         Ok(report)
     }

@@ -291,6 +291,18 @@ async fn retention_keeps_the_newest_messages_per_user() {
 }
 
 #[tokio::test]
+async fn retention_forgets_dedup_keys_past_the_maximum_age() {
+    let s = Server::start_with(&[
+        ("PNS_RETENTION_MAX_AGE_SECS", "1"),
+        ("PNS_RETENTION_INTERVAL_SECS", "1"),
+    ]);
+    let mut keyed = mail("alice@example.com", "keyed");
+    keyed["dedupKey"] = "k1".into();
+    assert_eq!(s.notify(keyed.clone()).await.body["accepted"], 1);
+    resend_until_its_dedup_key_is_forgotten(&s, &keyed).await;
+}
+
+#[tokio::test]
 async fn retention_drops_messages_past_the_maximum_age() {
     let s = Server::start_with(&[
         ("PNS_RETENTION_MAX_AGE_SECS", "1"),

@@ -660,6 +660,24 @@ async fn retention_on_several_nodes_keeps_the_newest_messages_of_each_user() {
 }
 
 #[tokio::test]
+async fn retention_on_postgresql_forgets_dedup_keys_past_the_maximum_age() {
+    let schema = Schema::create().await;
+    let url = schema.url();
+    let s = Server::start_with(&[
+        ("PNS_DATABASE_URL", url.as_str()),
+        ("PNS_JWT_SECRET", SECRET),
+        ("PNS_INTERNAL_TOKEN", TOKEN),
+        ("PNS_RETENTION_MAX_AGE_SECS", "1"),
+        ("PNS_RETENTION_INTERVAL_SECS", "1"),
+    ]);
+    wait_ready(&s).await;
+    let mut keyed = mail("alice@example.com", "keyed");
+    keyed["dedupKey"] = json!("k1");
+    assert_eq!(s.notify(keyed.clone()).await.body["accepted"], 1);
+    resend_until_its_dedup_key_is_forgotten(&s, &keyed).await;
+}
+
+#[tokio::test]
 async fn a_batch_keeps_its_order_and_stores_a_key_repeated_inside_it_once() {
     let schema = Schema::create().await;
     let n = nodes(&schema, 1).await;

@@ -353,6 +353,27 @@ pub fn mail(user: &str, subject: &str) -> Value {
     json!({"user": user, "type": 70, "data": {"folder": "INBOX", "subject": subject}})
 }
 
+/// Send `keyed`, a message with a dedupKey sent once before, once right
+/// away (a duplicate: the key holds within the retention's maximum age),
+/// then until it is stored again: past that age the purge forgot the key.
+pub async fn resend_until_its_dedup_key_is_forgotten(s: &Server, keyed: &Value) {
+    let again = s.notify(keyed.clone()).await;
+    assert_eq!(again.body["duplicates"], 1, "{}", again.body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let a = s.notify(keyed.clone()).await;
+        assert_eq!(a.status, reqwest::StatusCode::ACCEPTED, "{}", a.body);
+        if a.body["accepted"] == 1 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dedup key was never forgotten"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn answer(r: reqwest::Response) -> Answer {
     let status = r.status();
     let headers = r.headers().clone();
