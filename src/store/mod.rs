@@ -155,6 +155,22 @@ pub struct PurgeReport {
     pub opaque_sessions: u64,
 }
 
+/// Register an opaque sid (`$1` its hash, `$2` the mailbox, `$3` now, `$4`
+/// its end), in both stores: registered again for the same mailbox before
+/// its end, it keeps its start, so what came since stays news to it; for
+/// another mailbox, or after its end, it starts anew. Returns the mailbox,
+/// the start and the end.
+pub(super) const REGISTER_OPAQUE: &str =
+    "INSERT INTO opaque_sessions (sid_hash, mailbox, created_ms, expires_ms) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (sid_hash) DO UPDATE SET
+         created_ms = CASE
+             WHEN opaque_sessions.mailbox = excluded.mailbox
+              AND opaque_sessions.expires_ms > excluded.created_ms
+             THEN opaque_sessions.created_ms ELSE excluded.created_ms END,
+         mailbox = excluded.mailbox,
+         expires_ms = excluded.expires_ms
+     RETURNING mailbox, created_ms, expires_ms";
+
 /// What a purge deletes besides messages, the same in both stores.
 pub(super) const PURGED_BESIDE_MESSAGES: [Expiry; 4] = [
     Expiry {

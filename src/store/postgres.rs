@@ -866,23 +866,14 @@ impl MessageStore for PgStore {
             },
         );
         let mut tx = self.pool.begin().await?;
-        let (user, start_ms, expires_ms): (String, i64, i64) = sqlx::query_as(
-            "INSERT INTO opaque_sessions (sid_hash, mailbox, created_ms, expires_ms) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (sid_hash) DO UPDATE SET
-                 created_ms = CASE
-                     WHEN opaque_sessions.mailbox = excluded.mailbox
-                      AND opaque_sessions.expires_ms > excluded.created_ms
-                     THEN opaque_sessions.created_ms ELSE excluded.created_ms END,
-                 mailbox = excluded.mailbox,
-                 expires_ms = excluded.expires_ms
-             RETURNING mailbox, created_ms, expires_ms",
-        )
-        .bind(sid_hash)
-        .bind(user)
-        .bind(now_ms)
-        .bind(expires_ms)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (user, start_ms, expires_ms): (String, i64, i64) =
+            sqlx::query_as(super::REGISTER_OPAQUE)
+                .bind(sid_hash)
+                .bind(user)
+                .bind(now_ms)
+                .bind(expires_ms)
+                .fetch_one(&mut *tx)
+                .await?;
         // Other nodes may have cached the sid as unknown a moment ago.
         notify(&mut tx, channel, &[event]).await?;
         tx.commit().await?;

@@ -1092,23 +1092,13 @@ async fn register_opaque(
     now_ms: i64,
     expires_ms: i64,
 ) -> StoreResult<OpaqueSession> {
-    let (user, start_ms, expires_ms): (String, i64, i64) = sqlx::query_as(
-        "INSERT INTO opaque_sessions (sid_hash, mailbox, created_ms, expires_ms) VALUES (?, ?, ?, ?)
-         ON CONFLICT (sid_hash) DO UPDATE SET
-             created_ms = CASE
-                 WHEN opaque_sessions.mailbox = excluded.mailbox
-                  AND opaque_sessions.expires_ms > excluded.created_ms
-                 THEN opaque_sessions.created_ms ELSE excluded.created_ms END,
-             mailbox = excluded.mailbox,
-             expires_ms = excluded.expires_ms
-         RETURNING mailbox, created_ms, expires_ms",
-    )
-    .bind(sid_hash)
-    .bind(user)
-    .bind(now_ms)
-    .bind(expires_ms)
-    .fetch_one(&mut *conn)
-    .await?;
+    let (user, start_ms, expires_ms): (String, i64, i64) = sqlx::query_as(super::REGISTER_OPAQUE)
+        .bind(sid_hash)
+        .bind(user)
+        .bind(now_ms)
+        .bind(expires_ms)
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(OpaqueSession {
         user,
         start_ms,
