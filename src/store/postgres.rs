@@ -935,7 +935,7 @@ impl MessageStore for PgStore {
         if !ours {
             return Ok(report);
         }
-        let cutoff = now_ms - policy.max_age_ms;
+        let cutoff = super::OlderThan::Retention.ms(policy, now_ms);
         report.messages += sqlx::query("DELETE FROM messages WHERE visible_ms < $1")
             .bind(cutoff)
             .execute(&mut *tx)

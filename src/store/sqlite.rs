@@ -1428,7 +1428,7 @@ async fn purge(
     now_ms: i64,
     highest_given: i64,
 ) -> StoreResult<PurgeReport> {
-    let cutoff = now_ms - policy.max_age_ms;
+    let cutoff = super::OlderThan::Retention.ms(policy, now_ms);
     let mut report = PurgeReport::default();
     sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
         .bind(highest_given)
