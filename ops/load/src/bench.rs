@@ -257,9 +257,17 @@ async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Resu
         }
     };
     let result = measure_server(kind, round, &server, args).await;
-    server.stop().await;
+    let log = server.stop().await;
     let _ = std::fs::remove_dir_all(&scratch);
-    result.with_context(|| format!("measuring {name}"))
+    if log.lines > 0 {
+        eprintln!(
+            "pns-load: {name}: {} line(s) in its log worth a look, {} worker(s) died",
+            log.lines, log.workers_died
+        );
+    }
+    let mut report = result.with_context(|| format!("measuring {name}"))?;
+    report.server_log = log;
+    Ok(report)
 }
 
 async fn measure_server(
@@ -509,6 +517,8 @@ async fn measure_server(
         first_poll_error,
         send_errors: single.errors + rate.errors + batch.errors,
         first_send_error,
+        // Filled in once the server has stopped.
+        server_log: servers::ServerLog::default(),
     })
 }
 

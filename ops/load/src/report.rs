@@ -88,6 +88,8 @@ pub struct TargetReport {
     pub first_poll_error: Option<String>,
     pub send_errors: u64,
     pub first_send_error: Option<String>,
+    /// What the server logged in the round that an operator would look at.
+    pub server_log: crate::servers::ServerLog,
 }
 
 impl TargetReport {
@@ -337,7 +339,7 @@ pub fn summary_line(run: &Run) -> String {
             let ramp = mid(|t| t.ramp_s.unwrap_or(f64::INFINITY));
             format!(
                 "{}: {} {} held, ramp {}, {:.2} KiB/poll, idle CPU {:.2}%, single {:.0}/s, batch {:.0}/s, \
-                 p50/p99/max {:.1}/{:.1}/{:.1} ms at {}/s, lost {}, twice {}{}",
+                 p50/p99/max {:.1}/{:.1}/{:.1} ms at {}/s, lost {}, twice {}{}{}",
                 target,
                 if runs.iter().all(|t| t.passed()) { "OK" } else { "FAIL" },
                 runs.iter().map(|t| t.held).min().unwrap_or_default(),
@@ -352,6 +354,7 @@ pub fn summary_line(run: &Run) -> String {
                 run.settings.rate,
                 runs.iter().map(|t| t.delivery.lost).sum::<u64>(),
                 runs.iter().map(|t| t.delivery.duplicated).sum::<u64>(),
+                logged(&runs),
                 if runs.len() > 1 {
                     format!(" (medians of {} rounds)", runs.len())
                 } else {
@@ -361,6 +364,17 @@ pub fn summary_line(run: &Run) -> String {
         })
         .collect();
     format!("pns-load: {}", parts.join(" | "))
+}
+
+/// The log lines worth a look over a target's rounds, when there were any.
+fn logged(runs: &[&TargetReport]) -> String {
+    let lines: u64 = runs.iter().map(|t| t.server_log.lines).sum();
+    let died: u64 = runs.iter().map(|t| t.server_log.workers_died).sum();
+    match (lines, died) {
+        (0, _) => String::new(),
+        (_, 0) => format!(", {lines} log lines"),
+        _ => format!(", {lines} log lines ({died} workers died)"),
+    }
 }
 
 #[cfg(test)]

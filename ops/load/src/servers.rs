@@ -2,14 +2,19 @@
 //! with their data in a scratch directory: `pns serve` on SQLite, and nginx
 //! with the Nchan module in the foreground (`daemon off`) from the config
 //! template in `ops/nchan/`. Both are stopped when the driver is done with
-//! them, and killed if they do not stop in time.
+//! them, and killed if they do not stop in time. What each writes to its log
+//! that an operator would look at is echoed and tallied ([`ServerLog`]), so
+//! the report tells when a server complained or a worker died.
 
 use crate::TargetKind;
 use anyhow::{bail, Context};
+use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a server may take to come up, and to stop.
@@ -19,6 +24,10 @@ const STOP_LIMIT: Duration = Duration::from_secs(20);
 pub struct Server {
     pub kind: TargetKind,
     child: Child,
+    log: Arc<Mutex<ServerLog>>,
+    /// The thread reading the child's stderr; done once every process
+    /// holding it has exited.
+    log_reader: Option<JoinHandle<()>>,
     /// Where pollers connect.
     pub public: SocketAddr,
     /// Where notifies go: PNS's internal listener, or nginx itself.
@@ -35,23 +44,109 @@ impl Server {
     }
 
     /// SIGTERM, then SIGKILL if it has not stopped within [`STOP_LIMIT`].
-    pub async fn stop(mut self) {
+    /// Returns what it logged from its start until it stopped.
+    pub async fn stop(mut self) -> ServerLog {
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t = Instant::now();
+        let mut stopped = false;
         while t.elapsed() < STOP_LIMIT {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                stopped = true;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        eprintln!(
-            "pns-load: {} did not stop in time; killing it",
-            self.kind.name()
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !stopped {
+            eprintln!(
+                "pns-load: {} did not stop in time; killing it",
+                self.kind.name()
+            );
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // The last lines may still be in the pipe.
+        if let Some(reader) = self.log_reader.take() {
+            let t = Instant::now();
+            while !reader.is_finished() && t.elapsed() < LOG_DRAIN_LIMIT {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.clone()
     }
+}
+
+/// How long [`Server::stop`] waits for the last of the log.
+const LOG_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// What a server logged, from its start until it stopped, that an operator
+/// would look at: PNS's warnings and errors; everything nginx logs, which the
+/// config sets to alerts and worse (a worker's death among them).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ServerLog {
+    /// Lines of that kind.
+    pub lines: u64,
+    /// nginx's workers that died (`exited on signal`); the master starts
+    /// another, and the dead one's connections are gone.
+    pub workers_died: u64,
+    /// The first such line.
+    pub first: Option<String>,
+}
+
+impl ServerLog {
+    /// Count `line` if it is worth an operator's look for a server of `kind`.
+    fn tally(&mut self, kind: TargetKind, line: &str) {
+        let counted = match kind {
+            TargetKind::Pns => line.contains("WARN") || line.contains("ERROR"),
+            TargetKind::Nchan => !line.trim().is_empty(),
+        };
+        if !counted {
+            return;
+        }
+        self.lines += 1;
+        if kind == TargetKind::Nchan && line.contains("exited on signal") {
+            self.workers_died += 1;
+        }
+        if self.first.is_none() {
+            self.first = Some(line.to_owned());
+        }
+    }
+}
+
+/// Read the child's stderr on a thread: tally and echo what counts, and hand
+/// the first line containing `ready` (if any) to the returned receiver.
+fn read_log(
+    kind: TargetKind,
+    stderr: ChildStderr,
+    ready: Option<&'static str>,
+) -> (
+    Arc<Mutex<ServerLog>>,
+    JoinHandle<()>,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let log = Arc::new(Mutex::new(ServerLog::default()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tally = log.clone();
+    let reader = std::thread::spawn(move || {
+        let mut tx = ready.map(|r| (r, tx));
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some((ready, sender)) = &tx {
+                if line.contains(ready) {
+                    let _ = sender.send(line);
+                    tx = None;
+                    continue;
+                }
+            }
+            let mut log = tally.lock().unwrap_or_else(|p| p.into_inner());
+            let before = log.lines;
+            log.tally(kind, &line);
+            if log.lines > before {
+                eprintln!("[{}] {line}", kind.name());
+            }
+        }
+    });
+    (log, reader, rx)
 }
 
 impl Drop for Server {
@@ -95,25 +190,12 @@ pub fn start_pns(bin: &Path, dir: &Path) -> anyhow::Result<Server> {
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let stderr = child.stderr.take().context("pns stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Passes the listening line on, then echoes warnings and errors.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("pns listening") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(line);
-                    continue;
-                }
-            }
-            if line.contains("WARN") || line.contains("ERROR") {
-                eprintln!("[pns] {line}");
-            }
-        }
-    });
+    let (log, reader, rx) = read_log(TargetKind::Pns, stderr, Some("pns listening"));
     let mut server = Server {
         kind: TargetKind::Pns,
         child,
+        log,
+        log_reader: Some(reader),
         public: SocketAddr::from(([127, 0, 0, 1], 0)),
         ingest: SocketAddr::from(([127, 0, 0, 1], 0)),
         secret,
@@ -158,7 +240,7 @@ pub async fn start_nchan(
         .replace("@MODULE@", &module.display().to_string());
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, text)?;
-    let child = Command::new(nginx)
+    let mut child = Command::new(nginx)
         .arg("-p")
         .arg(dir)
         .arg("-c")
@@ -169,11 +251,16 @@ pub async fn start_nchan(
         .arg("daemon off;")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {}", nginx.display()))?;
+    let stderr = child.stderr.take().context("nginx stderr")?;
+    let (log, reader, _) = read_log(TargetKind::Nchan, stderr, None);
     let mut server = Server {
         kind: TargetKind::Nchan,
         child,
+        log,
+        log_reader: Some(reader),
         public: listen,
         ingest: listen,
         secret: String::new(),
@@ -222,4 +309,44 @@ pub fn scratch_dir(base: Option<&Path>, name: &str) -> PathBuf {
         .map(Path::to_path_buf)
         .unwrap_or_else(std::env::temp_dir);
     base.join(format!("pns-load-{}-{name}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_alerts_are_counted_and_a_dead_worker_named() {
+        let mut log = ServerLog::default();
+        log.tally(
+            TargetKind::Nchan,
+            "2026/12/06 23:01:02 [alert] 811#811: worker process 812 exited on signal 11",
+        );
+        log.tally(
+            TargetKind::Nchan,
+            "2026/12/06 23:01:03 [alert] 813#813: ngx_slab_free(): chunk is already free",
+        );
+        log.tally(TargetKind::Nchan, "");
+        assert_eq!((log.lines, log.workers_died), (2, 1));
+        assert!(log
+            .first
+            .as_deref()
+            .is_some_and(|l| l.contains("signal 11")));
+    }
+
+    #[test]
+    fn only_warnings_and_errors_of_pns_count() {
+        let mut log = ServerLog::default();
+        log.tally(TargetKind::Pns, "2026-12-06T23:01:02Z  INFO pns: held");
+        log.tally(TargetKind::Pns, "2026-12-06T23:01:03Z  WARN pns: slow sync");
+        log.tally(
+            TargetKind::Pns,
+            "2026-12-06T23:01:04Z ERROR pns: store failed",
+        );
+        assert_eq!((log.lines, log.workers_died), (2, 0));
+        assert!(log
+            .first
+            .as_deref()
+            .is_some_and(|l| l.contains("slow sync")));
+    }
 }
