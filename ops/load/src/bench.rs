@@ -261,7 +261,7 @@ async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Resu
     let _ = std::fs::remove_dir_all(&scratch);
     if log.lines > 0 {
         eprintln!(
-            "pns-load: {name}: {} line(s) in its log worth a look, {} worker(s) died",
+            "pns-load: {name}: {} line(s) in its log worth a look, {} dead worker(s)",
             log.lines, log.workers_died
         );
     }

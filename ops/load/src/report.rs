@@ -373,7 +373,7 @@ fn logged(runs: &[&TargetReport]) -> String {
     match (lines, died) {
         (0, _) => String::new(),
         (_, 0) => format!(", {lines} log lines"),
-        _ => format!(", {lines} log lines ({died} workers died)"),
+        _ => format!(", {lines} log lines ({died} dead workers)"),
     }
 }
 

@@ -114,8 +114,12 @@ impl ServerLog {
     }
 }
 
-/// Read the child's stderr on a thread: tally and echo what counts, and hand
-/// the first line containing `ready` (if any) to the returned receiver.
+/// Lines of a server's log echoed at most; the rest are only counted.
+const ECHOED_LINES: u64 = 10;
+
+/// Read the child's stderr on a thread: tally what counts, echo the first
+/// [`ECHOED_LINES`] of it, and hand the first line containing `ready` (if
+/// any) to the returned receiver.
 fn read_log(
     kind: TargetKind,
     stderr: ChildStderr,
@@ -141,7 +145,8 @@ fn read_log(
             let mut log = tally.lock().unwrap_or_else(|p| p.into_inner());
             let before = log.lines;
             log.tally(kind, &line);
-            if log.lines > before {
+            // nginx may log the same alert hundreds of times in a round.
+            if log.lines > before && before < ECHOED_LINES {
                 eprintln!("[{}] {line}", kind.name());
             }
         }
