@@ -5,7 +5,8 @@
 # or received twice. Nchan's figures are printed beside PNS's but do not
 # decide the exit status (Nchan itself loses a message now and then, see
 # docs/BENCHMARKS.md). Speed figures are printed, never asserted. It also
-# checks the file of `--deliveries` has a line for each message PNS delivered.
+# checks the file of `--deliveries` has a line for each message PNS delivered,
+# and that PNS logged no warning or error.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 profile="${PNS_LOAD_PROFILE:-debug}"
@@ -37,4 +38,9 @@ for phase in ("single", "rate", "batch"):
     want = pns[phase]["delivery"]["delivered"]
     assert want > 0 and lines[phase] == want, f"{phase}: {lines[phase]} lines, {want} delivered"
 print(f"deliveries file: a line for each of the {sum(lines.values())} messages PNS delivered")
+
+# Under this load PNS has nothing to warn an operator about.
+log = pns["server_log"]
+assert log["lines"] == 0, f"PNS logged {log['lines']} warning or error line(s), the first: {log['first']}"
+print("PNS's log: no warning or error")
 CHECK

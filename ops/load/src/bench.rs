@@ -260,9 +260,13 @@ async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Resu
     let log = server.stop().await;
     let _ = std::fs::remove_dir_all(&scratch);
     if log.lines > 0 {
+        let dead = match log.workers_died {
+            0 => String::new(),
+            n => format!(", {n} dead worker(s)"),
+        };
         eprintln!(
-            "pns-load: {name}: {} line(s) in its log worth a look, {} dead worker(s)",
-            log.lines, log.workers_died
+            "pns-load: {name}: {} line(s) in its log worth a look{dead}",
+            log.lines
         );
     }
     let mut report = result.with_context(|| format!("measuring {name}"))?;
