@@ -11,6 +11,7 @@ use crate::opaque::OpaqueSessions;
 use crate::registry::SessionRegistry;
 use crate::runs_to_end::RunsToEnd;
 use crate::scheduler::DelayScheduler;
+use crate::server::Listeners;
 use crate::session::{SessionValidator, VerifyKey};
 use crate::shutdown::Shutdown;
 use crate::store::{OpaqueSession, SharedStore, StoreResult};
@@ -18,7 +19,6 @@ use anyhow::Context;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 
 /// Everything a request handler may need.
 pub struct App {
@@ -211,7 +211,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
     let started_ms = crate::clock::now_ms();
     let shutdown = Shutdown::new();
-    let public = crate::server::bind(config.listen)
+    // A restart's clients, reconnecting all at once, wait in the kernel's
+    // queues for their turn, not a second for their SYN to be sent again.
+    let max_connections = connection_limit();
+    let public = crate::server::bind_spread(config.listen, max_connections)
         .with_context(|| format!("cannot listen on {} (PNS_LISTEN)", config.listen))?;
     let internal = crate::server::bind(config.internal_listen).with_context(|| {
         format!(
@@ -257,7 +260,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         crate::http::public_router(app.clone()),
         Some(Arc::new(crate::http::DirectPoll::new(app.clone()))),
         crate::server::ConnLimits {
-            max_connections: connection_limit(),
+            max_connections,
             header_timeout: limits.header_timeout,
             max_head_bytes: Some(
                 crate::server::PUBLIC_MAX_HEAD_BYTES.max(limits.max_url_bytes + 16 * 1024),
@@ -307,7 +310,8 @@ async fn sweep_now_and_then(app: Arc<App>, shutdown: Shutdown) {
 }
 
 /// The start-up lines: where the node listens, and for a newcomer how to try it.
-fn announce(app: &App, public: &TcpListener, internal: &TcpListener) {
+fn announce(app: &App, public: &Listeners, internal: &Listeners) {
+    let sockets = public.sockets();
     let public = public
         .local_addr()
         .map(|a| a.to_string())
@@ -316,7 +320,7 @@ fn announce(app: &App, public: &TcpListener, internal: &TcpListener) {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(%public, %internal, store = %redact_url(&app.config.database_url), "pns listening");
+    tracing::info!(%public, %internal, store = %redact_url(&app.config.database_url), public_sockets = sockets, "pns listening");
     for path in &app.config.generated {
         tracing::info!(file = %path.display(), "generated a secret (mode 0600); keep it, or configure your own");
     }

@@ -148,15 +148,14 @@ mod tests {
     async fn a_connection_comes_once_it_has_sent_with_its_peer_non_blocking_and_without_delay() {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let addr: SocketAddr = addr.parse().expect("an address");
-            let listener = match super::super::bind(addr) {
+            let mut listeners = match super::super::bind(addr) {
                 Ok(l) => l,
                 // A machine without IPv6 on loopback tests IPv4 only.
                 Err(_) if addr.is_ipv6() => continue,
                 Err(e) => panic!("cannot bind {addr}: {e}"),
             };
-            let local = listener.local_addr().expect("its address");
-            let listener =
-                AsyncFd::new(listener.into_std().expect("a std listener")).expect("registered");
+            let local = listeners.local_addr().expect("its address");
+            let listener = AsyncFd::new(listeners.0.remove(0)).expect("registered");
             let mut client = tokio::net::TcpStream::connect(local)
                 .await
                 .expect("connected");

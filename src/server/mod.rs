@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -130,7 +130,7 @@ impl Listener {
 /// Serve `router` on `listener` until `shutdown`, then drain, with `direct`
 /// served before the router.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     router: Router,
     direct: Option<Arc<dyn DirectRoute>>,
     limits: ConnLimits,
@@ -161,23 +161,25 @@ pub async fn serve(
         connections: connections.clone(),
         connections_run_on: tokio::runtime::Handle::current(),
     };
+    let accepting = futures_util::future::join_all(
+        listeners
+            .0
+            .into_iter()
+            .map(move |listener| accepting.clone().run(listener)),
+    )
+    .map(drop);
     // The public listener accepts on a thread of its own (see
     // crate::threads); its connections still run on this runtime.
-    match listener.into_std() {
-        Ok(listener) if front == Front::Bodiless => {
-            match crate::threads::spawn("pns-accept", accepting.run(listener)) {
-                Ok(done) => done.await,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "cannot start accepting; stopping");
-                    shutdown.trigger();
-                }
+    if front == Front::Bodiless {
+        match crate::threads::spawn("pns-accept", accepting) {
+            Ok(done) => done.await,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot start accepting; stopping");
+                shutdown.trigger();
             }
         }
-        Ok(listener) => accepting.run(listener).await,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot take over the listening socket; stopping");
-            shutdown.trigger();
-        }
+    } else {
+        accepting.await;
     }
     // Each connection watches `shutdown` itself: idle ones close, requests
     // in flight finish and their answers close the connection.
@@ -190,7 +192,8 @@ pub async fn serve(
     }
 }
 
-/// The accept loop of one listener.
+/// The accept loop of one listening socket.
+#[derive(Clone)]
 struct Accepting {
     shared: Arc<Listener>,
     /// One permit per open connection.
@@ -244,11 +247,15 @@ impl Accepting {
     }
 }
 
-/// Connections the kernel queues for `accept` at most, per listener (it caps
-/// this at `net.core.somaxconn`). tokio's default, 1,024, overflowed when
-/// 19,000 clients connected at once (as after a restart): each connection
-/// dropped from a full queue waits a second for its SYN to be sent again.
+/// Connections the kernel queues for `accept` at most, per listening
+/// socket (it caps this at `net.core.somaxconn`). tokio's default, 1,024,
+/// overflowed when 19,000 clients connected at once (as after a restart):
+/// each connection dropped from a full queue waits a second for its SYN to
+/// be sent again.
 pub const LISTEN_BACKLOG: u32 = 16_384;
+
+/// The most sockets [`bind_spread`] opens on one address.
+const MAX_SPREAD: usize = 16;
 
 /// How long the kernel keeps a connection that has sent nothing from
 /// `accept` (`TCP_DEFER_ACCEPT`), in seconds; past it (Linux rounds it up
@@ -256,8 +263,69 @@ pub const LISTEN_BACKLOG: u32 = 16_384;
 /// accepted anyway and its head waits out the header timeout.
 pub const DEFER_ACCEPT_SECS: libc::c_int = 5;
 
-/// Listen on `addr` with a backlog of [`LISTEN_BACKLOG`].
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// The listening sockets of one address: one, or several sharing its port.
+#[derive(Debug)]
+pub struct Listeners(Vec<std::net::TcpListener>);
+
+impl Listeners {
+    /// The address listened on, its port resolved.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0
+            .first()
+            .ok_or_else(|| std::io::Error::other("no listening socket"))?
+            .local_addr()
+    }
+
+    /// How many sockets listen.
+    pub fn sockets(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Listen on `addr` with one socket and a backlog of [`LISTEN_BACKLOG`],
+/// as far as `net.core.somaxconn` allows.
+pub fn bind(addr: SocketAddr) -> std::io::Result<Listeners> {
+    Ok(Listeners(vec![listen(addr, false)?]))
+}
+
+/// Listen on `addr` with as many sockets sharing its port (`SO_REUSEPORT`)
+/// as it takes for the kernel to queue `connections` at once (up to
+/// [`MAX_SPREAD`] sockets): it caps each socket's queue at
+/// `net.core.somaxconn` (4,096 by default), and spreads new connections
+/// over the sockets by their addresses, as it does for nginx's `listen ...
+/// reuseport`. A second node on the same address is still refused, as
+/// with one socket.
+pub fn bind_spread(addr: SocketAddr, connections: usize) -> std::io::Result<Listeners> {
+    let queue = somaxconn().clamp(1, LISTEN_BACKLOG) as usize;
+    let sockets = connections.div_ceil(queue).clamp(1, MAX_SPREAD);
+    if sockets == 1 {
+        return bind(addr);
+    }
+    // Sockets that share a port let any other that asks share it too (of
+    // the same user): a node started twice would split the connections
+    // with the first. A socket that does not share is refused while a
+    // node listens, which settles the port, zero included, beforehand.
+    let addr = {
+        let probe = new_socket(addr)?;
+        probe.bind(addr)?;
+        probe.local_addr()?
+    };
+    (0..sockets)
+        .map(|_| listen(addr, true))
+        .collect::<std::io::Result<_>>()
+        .map(Listeners)
+}
+
+/// The kernel's cap on a listening socket's queue; its default since Linux
+/// 5.4 where it cannot be read.
+fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+fn new_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -266,6 +334,13 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // As std's and tokio's own bind: a restarted node need not wait for the
     // old connections' TIME_WAIT.
     socket.set_reuseaddr(true)?;
+    Ok(socket)
+}
+
+/// A socket listening on `addr`, sharing its port if `shared`.
+fn listen(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = new_socket(addr)?;
+    socket.set_reuseport(shared)?;
     // Every connection accepted inherits it: an answer goes out at once,
     // not held back until the client acknowledges the last one.
     socket.set_nodelay(true)?;
@@ -281,7 +356,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         DEFER_ACCEPT_SECS,
     )?;
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 fn set_int_option(
@@ -311,4 +386,67 @@ fn set_int_option(
 /// The address a request came from.
 pub fn peer(req: &axum::http::Extensions) -> Option<SocketAddr> {
     req.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Room for more connections than one socket's queue holds takes
+    /// several sockets on one port, and the kernel hands each of them some
+    /// of the connections; another listener on that port is refused, with
+    /// its port shared or not.
+    #[tokio::test]
+    async fn a_spread_listener_shares_its_port_among_its_own_sockets_only() {
+        let queue = somaxconn().clamp(1, LISTEN_BACKLOG) as usize;
+        let listeners =
+            bind_spread(SocketAddr::from(([127, 0, 0, 1], 0)), 2 * queue + 1).expect("listening");
+        assert_eq!(listeners.sockets(), 3);
+        let addr = listeners.local_addr().expect("its address");
+        assert_ne!(addr.port(), 0);
+        for socket in &listeners.0 {
+            assert_eq!(socket.local_addr().expect("its address"), addr);
+        }
+
+        let clients: Vec<std::net::TcpStream> = (0..64)
+            .map(|_| {
+                let mut client = std::net::TcpStream::connect(addr).expect("connected");
+                // Accepted only once it has sent something (TCP_DEFER_ACCEPT).
+                client.write_all(b"G").expect("sent");
+                client
+            })
+            .collect();
+        let mut accepted = vec![0; listeners.sockets()];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while accepted.iter().sum::<usize>() < clients.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "accepted {accepted:?} of {}",
+                clients.len()
+            );
+            for (socket, count) in listeners.0.iter().zip(&mut accepted) {
+                while socket.accept().is_ok() {
+                    *count += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            accepted.iter().all(|&n| n > 0),
+            "a socket got no connection: {accepted:?}"
+        );
+
+        for again in [bind_spread(addr, 2 * queue + 1), bind(addr)] {
+            let refused = again.expect_err("a second listener on the same port");
+            assert_eq!(refused.kind(), std::io::ErrorKind::AddrInUse, "{refused}");
+        }
+    }
+
+    /// No more room than one socket's queue holds: one socket, not shared.
+    #[tokio::test]
+    async fn a_listener_for_few_connections_is_one_socket() {
+        let listeners = bind_spread(SocketAddr::from(([127, 0, 0, 1], 0)), 100).expect("listening");
+        assert_eq!(listeners.sockets(), 1);
+    }
 }

@@ -82,15 +82,47 @@ async fn a_second_node_on_the_same_sqlite_file_refuses_to_start() {
     assert!(err.contains(&holder), "{err}");
     assert!(err.contains("pns.db"), "{err}");
 
+    let err = refused_start(&s.dir, "127.0.0.1:0").await;
+    assert!(err.contains(&holder), "{err}");
+
+    // The first node is unharmed, and once it stops the file is free.
+    let sid = s.sid("alice@example.com");
+    assert_eq!(s.poll(&sid, "timeout=0").await.status, StatusCode::OK);
+    assert_eq!(s.sigterm().0, Some(0));
+    let (code, out, err) = pns(&s.dir, &["migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("up to date"));
+}
+
+/// A second node on a running node's public address would share its
+/// connections if the port were shared: it refuses to start, naming the
+/// address and its setting, and the first node goes on.
+#[tokio::test]
+async fn a_second_node_on_the_same_public_address_refuses_to_start() {
+    let s = Server::start();
+    let other = tempfile::tempdir().unwrap();
+    let err = refused_start(other.path(), &s.public.to_string()).await;
+    assert!(
+        err.contains(&format!("cannot listen on {} (PNS_LISTEN)", s.public)),
+        "{err}"
+    );
+    assert!(err.contains("in use"), "{err}");
+    let sid = s.sid("alice@example.com");
+    assert_eq!(s.poll(&sid, "timeout=0").await.status, StatusCode::OK);
+}
+
+/// `pns serve` with its store in `dir` and its public listener on
+/// `listen`, which must exit with an error within 20 s: what it said.
+async fn refused_start(dir: &std::path::Path, listen: &str) -> String {
     let started = Instant::now();
     let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_pns"))
         .arg("serve")
         .env_clear()
-        .env("PNS_LISTEN", "127.0.0.1:0")
+        .env("PNS_LISTEN", listen)
         .env("PNS_INTERNAL_LISTEN", "127.0.0.1:0")
         .env(
             "PNS_DATABASE_URL",
-            format!("sqlite://{}/pns.db", s.dir.display()),
+            format!("sqlite://{}/pns.db", dir.display()),
         )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -102,22 +134,14 @@ async fn a_second_node_on_the_same_sqlite_file_refuses_to_start() {
         }
         if started.elapsed() > Duration::from_secs(20) {
             second.kill().unwrap();
-            panic!("a second node started on the same file");
+            panic!("a second node started");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!exited.success());
-    assert!(err.contains(&holder), "{err}");
-
-    // The first node is unharmed, and once it stops the file is free.
-    let sid = s.sid("alice@example.com");
-    assert_eq!(s.poll(&sid, "timeout=0").await.status, StatusCode::OK);
-    assert_eq!(s.sigterm().0, Some(0));
-    let (code, out, err) = pns(&s.dir, &["migrate"], &[]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("up to date"));
+    assert!(!exited.success(), "{err}");
+    err
 }
 
 /// `pns backup` copies a running node's store, which no other process may

@@ -318,11 +318,14 @@ async fn measure_server(
     };
 
     eprintln!("pns-load: {name}: ramping up {n} held polls with {worker_count} worker(s)");
-    let c = cpu(&pids);
+    let (c, overflows) = (cpu(&pids), crate::procstat::listen_overflows());
     workers.tell(&Cmd::Hold).await?;
     let limit = Duration::from_secs(args.phase_limit_secs);
     let (held, ramp) = until_all_held(&ingest, &mut control, n, limit, RAMP_LOOK_EVERY).await?;
     let (server_s, load_tool_s) = cpu_since(&pids, c);
+    let ramp_dropped = overflows
+        .zip(crate::procstat::listen_overflows())
+        .map(|(before, after)| after.saturating_sub(before));
     let ramp_cpu = RampCpu {
         server_s,
         load_tool_s,
@@ -343,8 +346,12 @@ async fn measure_server(
         crate::procstat::pss_kib(&pids),
     );
     let idle_cpu = crate::procstat::cpu_percent(&pids, Duration::from_secs(args.idle_secs)).await;
+    let dropped = match ramp_dropped {
+        Some(0) | None => String::new(),
+        Some(d) => format!("; {d} connections dropped from a full accept queue"),
+    };
     eprintln!(
-        "pns-load: {name}: {held} held; RSS {rss_idle} → {rss_held} KiB; idle CPU {idle_cpu:.2}%"
+        "pns-load: {name}: {held} held; RSS {rss_idle} → {rss_held} KiB; idle CPU {idle_cpu:.2}%{dropped}"
     );
 
     let mut senders = open_senders(octet, server, args.senders).await?;
@@ -500,6 +507,7 @@ async fn measure_server(
         held,
         ramp_s: ramp,
         ramp_cpu,
+        ramp_dropped,
         rss_idle_kib: rss_idle,
         rss_held_kib: rss_held,
         rss_per_poll_kib: per_poll(rss_idle, rss_held),

@@ -58,6 +58,23 @@ pub fn pss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// Connections the kernel has dropped so far because a listening socket's
+/// accept queue was full (`TcpExtListenOverflows` of this network
+/// namespace, every listener's); `None` where it cannot be read.
+pub fn listen_overflows() -> Option<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    tcp_ext(&netstat, "ListenOverflows")
+}
+
+/// The counter `name` of the `TcpExt:` lines of `/proc/net/netstat`: a line
+/// of names, then one of values.
+fn tcp_ext(netstat: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// User plus system CPU time of `pids`, in seconds.
 pub fn cpu_secs(pids: &[u32]) -> f64 {
     cpu_ticks(pids) as f64 / clock_ticks_per_sec()
@@ -86,4 +103,24 @@ pub async fn cpu_percent(pids: &[u32], span: Duration) -> f64 {
     tokio::time::sleep(span).await;
     let (secs, c1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pids));
     (c1.saturating_sub(c0)) as f64 / hz / secs * 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_ext_counter_is_read_by_its_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 0 2400 2401\n\
+                       IpExt: InNoRoutes ListenOverflows\n\
+                       IpExt: 7 9\n";
+        assert_eq!(tcp_ext(netstat, "ListenOverflows"), Some(2400));
+        assert_eq!(tcp_ext(netstat, "ListenDrops"), Some(2401));
+        assert_eq!(tcp_ext(netstat, "NoSuchCounter"), None);
+        assert!(
+            listen_overflows().is_some(),
+            "this machine's /proc/net/netstat"
+        );
+    }
 }

@@ -68,6 +68,10 @@ pub struct TargetReport {
     /// Seconds until every poll was held; `None` if they never all were.
     pub ramp_s: Option<f64>,
     pub ramp_cpu: RampCpu,
+    /// Connections the kernel dropped from a full accept queue during the
+    /// ramp, each of which tried again a second later (every listener's on
+    /// the machine; `None` where the counter cannot be read).
+    pub ramp_dropped: Option<u64>,
     pub rss_idle_kib: u64,
     pub rss_held_kib: u64,
     pub rss_per_poll_kib: f64,
