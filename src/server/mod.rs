@@ -127,8 +127,8 @@ impl Listener {
     }
 }
 
-/// Serve `router` on `listener` until `shutdown`, then drain, with `direct`
-/// served before the router.
+/// Serve `router` on `listeners` until `shutdown`, then drain, with
+/// `direct` served before the router.
 pub async fn serve(
     listeners: Listeners,
     router: Router,
