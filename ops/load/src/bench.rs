@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// Batches in flight at once.
     #[arg(long, default_value_t = 4)]
     pub batch_concurrency: usize,
+    /// Send the batch phase's messages to the users scattered, as mail
+    /// comes, instead of in the order their polls connected (message i to
+    /// user i mod N), which keeps consecutive users' memory together.
+    #[arg(long)]
+    pub scatter_batches: bool,
     /// Seconds over which the idle CPU of the server is measured.
     #[arg(long, default_value_t = 5)]
     pub idle_secs: u64,
@@ -398,8 +403,9 @@ async fn measure_server(
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
+    let to_user = batch_user(n, args.scatter_batches);
     let plan: Vec<(u32, u8, u64)> = (0..u64::from(batch_total))
-        .map(|i| ((i % u64::from(n)) as u32, BATCH, phase_base(BATCH) + i))
+        .map(|i| (to_user(i), BATCH, phase_base(BATCH) + i))
         .collect();
     let (t, c) = (Instant::now(), cpu(&pids));
     let (batch, batch_mode) = match kind {
@@ -902,9 +908,49 @@ impl WorkerProc {
     }
 }
 
+/// The user of the batch phase's message `i`, of `n`: in the order the
+/// users connected, or scattered (`i` times a step that shares no factor
+/// with `n`, so that any n messages in a row still reach n users).
+fn batch_user(n: u32, scattered: bool) -> impl Fn(u64) -> u32 {
+    let n = u64::from(n.max(1));
+    let step = if scattered {
+        (7_919..).find(|&m| gcd(m, n) == 1).unwrap_or(1)
+    } else {
+        1
+    };
+    move |i| (i.wrapping_mul(step) % n) as u32
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In order or scattered, the first n messages go to n different users;
+    /// scattered, consecutive messages go to users far apart.
+    #[test]
+    fn the_batch_phase_reaches_every_user_in_either_order() {
+        for n in [1, 2, 7_919, 15_838, 19_000] {
+            for scattered in [false, true] {
+                let to_user = batch_user(n, scattered);
+                let mut seen = vec![false; n as usize];
+                for i in 0..u64::from(n) {
+                    seen[to_user(i) as usize] = true;
+                }
+                assert!(seen.iter().all(|&s| s), "n {n}, scattered {scattered}");
+            }
+        }
+        let (in_order, scattered) = (batch_user(19_000, false), batch_user(19_000, true));
+        assert_eq!((in_order(1), in_order(2)), (1, 2));
+        assert_eq!((scattered(1), scattered(2)), (7_919, 15_838));
+    }
 
     /// A notify the server held back counts from when it was due; one that
     /// left on time, from when it left.
