@@ -296,8 +296,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<Listeners> {
 /// reuseport`. A second node on the same address is still refused, as
 /// with one socket.
 pub fn bind_spread(addr: SocketAddr, connections: usize) -> std::io::Result<Listeners> {
-    let queue = somaxconn().clamp(1, LISTEN_BACKLOG) as usize;
-    let sockets = connections.div_ceil(queue).clamp(1, MAX_SPREAD);
+    let sockets = connections.div_ceil(socket_queue()).clamp(1, MAX_SPREAD);
     if sockets == 1 {
         return bind(addr);
     }
@@ -316,13 +315,15 @@ pub fn bind_spread(addr: SocketAddr, connections: usize) -> std::io::Result<List
         .map(Listeners)
 }
 
-/// The kernel's cap on a listening socket's queue; its default since Linux
-/// 5.4 where it cannot be read.
-fn somaxconn() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+/// The connections the kernel queues for one listening socket: as many as
+/// it asks for, up to `net.core.somaxconn` (its default since Linux 5.4
+/// where that cannot be read).
+fn socket_queue() -> usize {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(4096)
+        .unwrap_or(4096);
+    somaxconn.clamp(1, LISTEN_BACKLOG) as usize
 }
 
 fn new_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
@@ -399,7 +400,7 @@ mod tests {
     /// its port shared or not.
     #[tokio::test]
     async fn a_spread_listener_shares_its_port_among_its_own_sockets_only() {
-        let queue = somaxconn().clamp(1, LISTEN_BACKLOG) as usize;
+        let queue = socket_queue();
         let listeners =
             bind_spread(SocketAddr::from(([127, 0, 0, 1], 0)), 2 * queue + 1).expect("listening");
         assert_eq!(listeners.sockets(), 3);
