@@ -39,6 +39,19 @@ const BATCH: u8 = 3;
 /// Message numbers of a phase start at `phase * PHASE_SPAN`.
 const PHASE_SPAN: u64 = 100_000_000;
 
+/// The order of the batch phase's users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchOrder {
+    /// In no order, as mail comes: message i to user 7,919·i mod N.
+    Scattered,
+    /// In the order the users' polls connected: message i to user i mod N.
+    /// Consecutive users' state then lies together in the server's memory
+    /// and database, which flatters a server that keeps it so (the order
+    /// of runs 1–101 in docs/BENCHMARKS.md).
+    Connected,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// The servers to measure, in order.
@@ -81,11 +94,9 @@ pub struct BenchArgs {
     /// Batches in flight at once.
     #[arg(long, default_value_t = 4)]
     pub batch_concurrency: usize,
-    /// Send the batch phase's messages to the users scattered, as mail
-    /// comes, instead of in the order their polls connected (message i to
-    /// user i mod N), which keeps consecutive users' memory together.
-    #[arg(long)]
-    pub scatter_batches: bool,
+    /// Which users the batch phase's messages go to, one after another.
+    #[arg(long, value_enum, default_value_t = BatchOrder::Scattered)]
+    pub batch_order: BatchOrder,
     /// Seconds over which the idle CPU of the server is measured.
     #[arg(long, default_value_t = 5)]
     pub idle_secs: u64,
@@ -403,7 +414,7 @@ async fn measure_server(
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
-    let to_user = batch_user(n, args.scatter_batches);
+    let to_user = batch_user(n, args.batch_order);
     let plan: Vec<(u32, u8, u64)> = (0..u64::from(batch_total))
         .map(|i| (to_user(i), BATCH, phase_base(BATCH) + i))
         .collect();
@@ -908,15 +919,14 @@ impl WorkerProc {
     }
 }
 
-/// The user of the batch phase's message `i`, of `n`: in the order the
-/// users connected, or scattered (`i` times a step that shares no factor
-/// with `n`, so that any n messages in a row still reach n users).
-fn batch_user(n: u32, scattered: bool) -> impl Fn(u64) -> u32 {
+/// The user of the batch phase's message `i`, of `n`: scattered (`i`
+/// times a step that shares no factor with `n`, so that any n messages in
+/// a row still reach n users), or in the order the users connected.
+fn batch_user(n: u32, order: BatchOrder) -> impl Fn(u64) -> u32 {
     let n = u64::from(n.max(1));
-    let step = if scattered {
-        (7_919..).find(|&m| gcd(m, n) == 1).unwrap_or(1)
-    } else {
-        1
+    let step = match order {
+        BatchOrder::Scattered => (7_919..).find(|&m| gcd(m, n) == 1).unwrap_or(1),
+        BatchOrder::Connected => 1,
     };
     move |i| (i.wrapping_mul(step) % n) as u32
 }
@@ -938,16 +948,19 @@ mod tests {
     #[test]
     fn the_batch_phase_reaches_every_user_in_either_order() {
         for n in [1, 2, 7_919, 15_838, 19_000] {
-            for scattered in [false, true] {
-                let to_user = batch_user(n, scattered);
+            for order in [BatchOrder::Scattered, BatchOrder::Connected] {
+                let to_user = batch_user(n, order);
                 let mut seen = vec![false; n as usize];
                 for i in 0..u64::from(n) {
                     seen[to_user(i) as usize] = true;
                 }
-                assert!(seen.iter().all(|&s| s), "n {n}, scattered {scattered}");
+                assert!(seen.iter().all(|&s| s), "n {n}, {order:?}");
             }
         }
-        let (in_order, scattered) = (batch_user(19_000, false), batch_user(19_000, true));
+        let (in_order, scattered) = (
+            batch_user(19_000, BatchOrder::Connected),
+            batch_user(19_000, BatchOrder::Scattered),
+        );
         assert_eq!((in_order(1), in_order(2)), (1, 2));
         assert_eq!((scattered(1), scattered(2)), (7_919, 15_838));
     }

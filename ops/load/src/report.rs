@@ -141,7 +141,7 @@ pub struct Settings {
     pub batch: u32,
     pub batch_total: u32,
     pub batch_concurrency: usize,
-    pub scatter_batches: bool,
+    pub batch_order: crate::bench::BatchOrder,
     pub idle_secs: u64,
     pub rounds: u32,
 }
@@ -174,7 +174,7 @@ impl Run {
                 batch: args.batch,
                 batch_total: args.batch_total,
                 batch_concurrency: args.batch_concurrency,
-                scatter_batches: args.scatter_batches,
+                batch_order: args.batch_order,
                 idle_secs: args.idle_secs,
                 rounds: args.rounds,
             },
