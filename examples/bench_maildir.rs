@@ -11,9 +11,9 @@
 //! target/release/examples/bench_maildir --files 10000 --mailboxes 1
 //! ```
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Args {
@@ -42,53 +42,25 @@ fn args() -> Args {
     a
 }
 
-struct Pns(Child);
-
-impl Drop for Pns {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(pns: &Path, data: &Path, root: &Path) -> (Pns, String) {
-    let mut child = Command::new(pns)
-        .arg("serve")
-        .env(
-            "PNS_LOG",
-            std::env::var("PNS_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .env("PNS_LISTEN", "127.0.0.1:0")
-        .env("PNS_INTERNAL_LISTEN", "127.0.0.1:0")
-        .env(
-            "PNS_DATABASE_URL",
-            format!("sqlite://{}/pns.db", data.display()),
-        )
-        .env("PNS_MAILDIR_ROOT", root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pns (build it with cargo build --release --bin pns)");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
+fn start(pns: &Path, data: &Path, root: &Path) -> (support::Pns, String) {
     // With PNS_LOG set, show every line pns logs.
     let verbose = std::env::var_os("PNS_LOG").is_some();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("pns listening") {
-                let _ = tx.send(line.clone());
-            }
-            if line.contains("WARN") || line.contains("ERROR") || verbose {
-                eprintln!("[pns] {line}");
-            }
+    let log = std::env::var("PNS_LOG").unwrap_or_else(|_| "info".into());
+    let env = [
+        ("PNS_LOG", log),
+        (
+            "PNS_DATABASE_URL",
+            format!("sqlite://{}/pns.db", data.display()),
+        ),
+        ("PNS_MAILDIR_ROOT", root.display().to_string()),
+    ];
+    let pns = support::start(pns, env, move |line| {
+        if verbose && !(line.contains("WARN") || line.contains("ERROR")) {
+            eprintln!("[pns] {line}");
         }
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("pns did not start");
-    let at = line.find("public=").unwrap() + "public=".len();
-    let public = line[at..].split_whitespace().next().unwrap().to_owned();
-    (Pns(child), public)
+    let public = pns.address("public");
+    (pns, public)
 }
 
 fn maildir(root: &Path, i: usize) -> PathBuf {

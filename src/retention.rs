@@ -22,8 +22,10 @@ pub async fn run(
             _ = shutdown.wait() => return,
         }
         let now = crate::clock::now_ms();
+        let began = std::time::Instant::now();
         match store.purge(policy, now).await {
             Ok(r) => tracing::debug!(
+                took_ms = began.elapsed().as_millis() as u64,
                 messages = r.messages,
                 dedup_keys = r.dedup_keys,
                 positions = r.positions,

@@ -155,6 +155,16 @@ pub struct PurgeReport {
     pub opaque_sessions: u64,
 }
 
+impl std::ops::AddAssign for PurgeReport {
+    fn add_assign(&mut self, other: PurgeReport) {
+        self.messages += other.messages;
+        self.dedup_keys += other.dedup_keys;
+        self.positions += other.positions;
+        self.revocations += other.revocations;
+        self.opaque_sessions += other.opaque_sessions;
+    }
+}
+
 /// Register an opaque sid (`$1` its hash, `$2` the mailbox, `$3` now, `$4`
 /// its end), in both stores: registered again for the same mailbox before
 /// its end, it keeps its start, so what came since stays news to it; for

@@ -11,8 +11,8 @@
 //! Every other read goes to the database.
 //!
 //! The oldest messages are let go first when the bounds are passed; the
-//! floor rises with them. A retention purge raises the floor to the top, as
-//! the purge may have deleted any row here.
+//! floor rises with them. A retention purge raises the floor to the newest
+//! message it deleted, letting go of every message up to it.
 
 use super::StoredMessage;
 use foldhash::HashMap;
@@ -125,10 +125,20 @@ impl Recent {
         }
     }
 
-    /// Rows may have been deleted: from now on only messages recorded later
-    /// are answered from memory.
-    pub fn forget_all(&self) {
-        self.lock().forget_all();
+    /// A purge deleted rows, the newest of them `seq`: let go of every
+    /// message up to it, so that a read that could find a deleted row goes
+    /// to the database. Every message above the floor was known here, so
+    /// the ones above `seq` are still as the database has them.
+    pub fn forget_through(&self, seq: i64) {
+        let mut inner = self.lock();
+        while inner
+            .order
+            .front()
+            .is_some_and(|&(oldest, _)| oldest <= seq)
+        {
+            inner.evict_oldest();
+        }
+        inner.floor = inner.floor.max(seq);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -229,15 +239,20 @@ mod tests {
     }
 
     #[test]
-    fn after_a_purge_only_later_rows_are_known() {
+    fn after_a_purge_only_the_rows_above_what_it_deleted_are_known() {
         let recent = Recent::new(0, 0);
-        recent.record(vec![msg(1, "a", 100), msg(2, "a", 200)]);
-        recent.forget_all();
+        recent.record(vec![msg(1, "a", 100), msg(2, "b", 200), msg(3, "a", 300)]);
+        // The purge deleted seq 2 (and perhaps 1).
+        recent.forget_through(2);
         assert_eq!(seqs(recent.fetch("a", 0, 0, 10)), None);
-        assert_eq!(seqs(recent.fetch("a", 2, 0, 10)), Some(vec![]));
-        recent.record(vec![msg(3, "a", 300)]);
+        assert_eq!(seqs(recent.fetch("b", 0, 0, 10)), None);
         assert_eq!(seqs(recent.fetch("a", 2, 0, 10)), Some(vec![3]));
         assert_eq!(seqs(recent.fetch("a", 0, 201, 10)), Some(vec![3]));
+        recent.record(vec![msg(4, "b", 400)]);
+        assert_eq!(seqs(recent.fetch("b", 2, 0, 10)), Some(vec![4]));
+        // A purge of rows below the floor changes nothing.
+        recent.forget_through(1);
+        assert_eq!(seqs(recent.fetch("a", 2, 0, 10)), Some(vec![3]));
     }
 
     #[test]

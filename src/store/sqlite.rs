@@ -58,6 +58,15 @@ use tokio::time::Instant;
 const WRITE_QUEUE: usize = 4096;
 /// Writes committed together at most.
 const WRITES_PER_COMMIT: usize = 512;
+/// Rows of messages a slice of a purge goes through, about: each slice is
+/// a round of the writer's own, and the notifies that came meanwhile go
+/// in before the next. A purge in one piece held every notify up for as
+/// long as it took to read the whole table: 1.9–2.0 s with 2 million rows
+/// (`examples/bench_purge.rs`, docs/BENCHMARKS.md). In slices of 2,048
+/// the longest acknowledgement was 16–19 ms, and the purge took 2.4–2.6 s
+/// instead of about 2; slices of 1,024 made it 3 s, of 16,384 held
+/// notifies up to 54 ms.
+const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
 /// Pages in the write-ahead log that make a commit checkpoint it into the
 /// database file. A checkpoint syncs both files on the writer's thread,
 /// which holds up the rounds behind it, so this is only the fallback: the
@@ -140,12 +149,22 @@ struct Fresh {
     rows: Rows,
     /// Messages stored, visible or delayed, less those purged.
     stored: i64,
+    /// The newest seq a purge deleted: memory forgets every message up to it.
+    purged_through: Option<i64>,
+    /// A purge deleted session positions: memory asks the file again.
+    purged_positions: bool,
 }
 
 impl InMemory {
     fn learn(&self, fresh: Fresh) {
         self.stored
             .fetch_add(fresh.stored, std::sync::atomic::Ordering::Relaxed);
+        if let Some(seq) = fresh.purged_through {
+            self.recent.forget_through(seq);
+        }
+        if fresh.purged_positions {
+            self.positions.forget_all();
+        }
         let Some(hub) = self.hub.get() else {
             return self.recent.record(fresh.rows);
         };
@@ -159,12 +178,6 @@ impl InMemory {
         hub.wake_after_commit(&users, &|user, after, since_ms, limit| {
             self.recent.fetch(user, after, since_ms, limit)
         });
-    }
-
-    /// After a purge: any row may have been deleted.
-    fn forget_all(&self) {
-        self.recent.forget_all();
-        self.positions.forget_all();
     }
 }
 
@@ -190,10 +203,14 @@ enum WriteOp {
         revoked_ms: i64,
         reply: oneshot::Sender<StoreResult<()>>,
     },
+    /// One slice of a purge: the mailboxes from `from` on (from the first
+    /// when `None`, with everything else the purge deletes), as many as
+    /// about [`PURGE_SLICE_ROWS`] rows hold.
     Purge {
         policy: RetentionPolicy,
         now_ms: i64,
-        reply: oneshot::Sender<StoreResult<PurgeReport>>,
+        from: Option<String>,
+        reply: oneshot::Sender<StoreResult<PurgeSlice>>,
     },
     RegisterOpaque {
         sid_hash: String,
@@ -707,7 +724,6 @@ impl Writer<'_> {
                     commit_round(exec, vec![purge], memory, seqs).await,
                     &mut after_sync,
                 );
-                memory.forget_all();
             }
             round = rest;
         }
@@ -810,8 +826,8 @@ enum Done {
     ),
     Unit(oneshot::Sender<StoreResult<()>>, StoreResult<()>),
     Purge(
-        oneshot::Sender<StoreResult<PurgeReport>>,
-        StoreResult<PurgeReport>,
+        oneshot::Sender<StoreResult<PurgeSlice>>,
+        StoreResult<PurgeSlice>,
     ),
     Opaque(
         oneshot::Sender<StoreResult<OpaqueSession>>,
@@ -829,7 +845,7 @@ impl Done {
             WriteOp::RevokeSession { reply, .. } | WriteOp::RevokeMailbox { reply, .. } => {
                 Done::Unit(reply, Ok(()))
             }
-            WriteOp::Purge { reply, .. } => Done::Purge(reply, Ok(PurgeReport::default())),
+            WriteOp::Purge { reply, .. } => Done::Purge(reply, Ok(PurgeSlice::default())),
             WriteOp::RegisterOpaque { reply, .. } => {
                 Done::Opaque(reply, Err(StoreError::WriterGone))
             }
@@ -857,8 +873,11 @@ impl Done {
             }
             // A refused accept stored nothing. A release moves rows that are
             // durable as delayed messages: lost with a power loss, it is
-            // made again.
-            done @ (Done::Accept(_, Err(_)) | Done::Users(..)) => done.send(commit),
+            // made again. So is a slice of a purge, and the next slice
+            // need not wait for the sync.
+            done @ (Done::Accept(_, Err(_)) | Done::Users(..) | Done::Purge(..)) => {
+                done.send(commit)
+            }
             done => after_sync.push(done),
         }
     }
@@ -1055,14 +1074,17 @@ async fn apply_in_savepoint(
         WriteOp::Purge {
             policy,
             now_ms,
+            from,
             reply,
         } => {
             let highest_given = seqs.highest_given();
-            let report = in_savepoint!(c => purge(c, policy, now_ms, highest_given));
-            if let Ok(report) = &report {
-                fresh.stored -= report.messages as i64;
+            let slice = in_savepoint!(c => purge_slice(c, policy, now_ms, highest_given, from));
+            if let Ok(slice) = &slice {
+                fresh.stored -= slice.report.messages as i64;
+                fresh.purged_through = fresh.purged_through.max(slice.newest_deleted);
+                fresh.purged_positions |= slice.report.positions > 0;
             }
-            Done::Purge(reply, report)
+            Done::Purge(reply, slice)
         }
         WriteOp::RegisterOpaque {
             sid_hash,
@@ -1262,7 +1284,11 @@ fn commit_direct(
     match direct.insert_messages(&rows) {
         Ok(()) => {
             let stored = rows.len() as i64;
-            memory.learn(Fresh { rows, stored });
+            memory.learn(Fresh {
+                rows,
+                stored,
+                ..Fresh::default()
+            });
             done.extend(
                 outcomes
                     .into_iter()
@@ -1419,47 +1445,91 @@ async fn count_stored(conn: &mut SqliteConnection) -> StoreResult<i64> {
     .await?)
 }
 
-/// Delete what retention no longer keeps. The newest messages may go too,
-/// so the seq floor is raised to `highest_given` first: no seq is given
-/// twice, even across a restart.
-async fn purge(
+/// What one slice of a purge did ([`WriteOp::Purge`]).
+#[derive(Debug, Default)]
+struct PurgeSlice {
+    report: PurgeReport,
+    /// Where the next slice begins; `None` when this one reached the end.
+    next: Option<String>,
+    /// The newest seq deleted.
+    newest_deleted: Option<i64>,
+}
+
+/// Delete what retention no longer keeps, in the mailboxes from `from`
+/// on, as many as about [`PURGE_SLICE_ROWS`] rows hold; the first slice
+/// (`from` `None`) also purges everything beside the messages. The
+/// newest messages may go too, so the first slice raises the seq floor
+/// to `highest_given`: no seq is given twice, even across a restart.
+async fn purge_slice(
     conn: &mut SqliteConnection,
     policy: RetentionPolicy,
     now_ms: i64,
     highest_given: i64,
-) -> StoreResult<PurgeReport> {
-    let cutoff = super::OlderThan::Retention.ms(policy, now_ms);
-    let mut report = PurgeReport::default();
-    sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
-        .bind(highest_given)
-        .execute(&mut *conn)
-        .await?;
-    report.messages += sqlx::query("DELETE FROM messages WHERE visible_ms < ?")
-        .bind(cutoff)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    report.messages += sqlx::query(
-        "DELETE FROM messages WHERE (mailbox, seq) IN (
-            SELECT mailbox, seq FROM (
-                SELECT mailbox, seq,
-                       row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
-                FROM messages
-            ) WHERE rn > ?
-        )",
-    )
-    .bind(i64::from(policy.max_messages_per_user))
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    for expiry in super::PURGED_BESIDE_MESSAGES {
-        *(expiry.count)(&mut report) = sqlx::query(expiry.sql)
-            .bind(expiry.older_than.ms(policy, now_ms))
+    from: Option<String>,
+) -> StoreResult<PurgeSlice> {
+    let mut slice = PurgeSlice::default();
+    if from.is_none() {
+        sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
+            .bind(highest_given)
             .execute(&mut *conn)
-            .await?
-            .rows_affected();
+            .await?;
+        for expiry in super::PURGED_BESIDE_MESSAGES {
+            *(expiry.count)(&mut slice.report) = sqlx::query(expiry.sql)
+                .bind(expiry.older_than.ms(policy, now_ms))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+        }
     }
-    Ok(report)
+    let from = from.unwrap_or_default();
+    // The first mailbox of the next slice: the one PURGE_SLICE_ROWS rows
+    // on, or the one after `from` if `from` alone holds that many.
+    let mut next: Option<String> = sqlx::query_scalar(
+        "SELECT mailbox FROM messages WHERE mailbox >= ? ORDER BY mailbox, seq LIMIT 1 OFFSET ?",
+    )
+    .bind(&from)
+    .bind(PURGE_SLICE_ROWS)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if next.as_ref() == Some(&from) {
+        next = sqlx::query_scalar(
+            "SELECT mailbox FROM messages WHERE mailbox > ? ORDER BY mailbox LIMIT 1",
+        )
+        .bind(&from)
+        .fetch_optional(&mut *conn)
+        .await?;
+    }
+    let in_slice = match next {
+        Some(_) => "mailbox >= ? AND mailbox < ?",
+        None => "mailbox >= ?",
+    };
+    let expired = (
+        format!("DELETE FROM messages WHERE {in_slice} AND visible_ms < ? RETURNING seq"),
+        super::OlderThan::Retention.ms(policy, now_ms),
+    );
+    let over_cap = (
+        format!(
+            "DELETE FROM messages WHERE (mailbox, seq) IN (
+                SELECT mailbox, seq FROM (
+                    SELECT mailbox, seq,
+                           row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
+                    FROM messages WHERE {in_slice}
+                ) WHERE rn > ?
+            ) RETURNING seq"
+        ),
+        i64::from(policy.max_messages_per_user),
+    );
+    for (sql, bound) in [expired, over_cap] {
+        let mut delete = sqlx::query_scalar::<_, i64>(&sql).bind(&from);
+        if let Some(next) = &next {
+            delete = delete.bind(next);
+        }
+        let deleted = delete.bind(bound).fetch_all(&mut *conn).await?;
+        slice.report.messages += deleted.len() as u64;
+        slice.newest_deleted = slice.newest_deleted.max(deleted.into_iter().max());
+    }
+    slice.next = next;
+    Ok(slice)
 }
 
 #[async_trait]
@@ -1565,12 +1635,23 @@ impl MessageStore for SqliteStore {
     }
 
     async fn purge(&self, policy: RetentionPolicy, now_ms: i64) -> StoreResult<PurgeReport> {
-        self.write(|reply| WriteOp::Purge {
-            policy,
-            now_ms,
-            reply,
-        })
-        .await
+        let mut report = PurgeReport::default();
+        let mut from = None;
+        loop {
+            let slice = self
+                .write(|reply| WriteOp::Purge {
+                    policy,
+                    now_ms,
+                    from: from.take(),
+                    reply,
+                })
+                .await?;
+            report += slice.report;
+            match slice.next {
+                Some(next) => from = Some(next),
+                None => return Ok(report),
+            }
+        }
     }
 
     async fn register_opaque_session(
@@ -1985,6 +2066,53 @@ mod tests {
             .map(|m| m.seq)
             .collect();
         assert_eq!(after, vec![second]);
+    }
+
+    /// A purge goes through the table in slices of about
+    /// `PURGE_SLICE_ROWS` rows (16 in tests), each a round of the writer's
+    /// own; together they delete exactly what one pass would: here 31
+    /// mailboxes, one of them longer than a slice, 250 rows.
+    #[tokio::test]
+    async fn a_purge_in_slices_deletes_what_retention_no_longer_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("pns.db").display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let small: Vec<String> = (0..30).map(|i| format!("m{i:02}")).collect();
+        let old: Vec<NewMessage> = small.iter().map(|u| plain(u, 0)).collect();
+        store.accept(old, 1_000).await.unwrap();
+        let mut new: Vec<NewMessage> = (1..=4)
+            .flat_map(|n| small.iter().map(move |u| plain(u, n)))
+            .collect();
+        new.extend((1..=40).map(|n| plain("big", n)));
+        store.accept(new, 50_000).await.unwrap();
+        let policy = RetentionPolicy {
+            max_messages_per_user: 3,
+            max_age_ms: 10_000,
+        };
+        let purged = store.purge(policy, 55_000).await.unwrap();
+        // 30 too old, and past the newest 3: one of each small mailbox's
+        // 4 new ones and 37 of big's 40.
+        assert_eq!(purged.messages, 30 + 30 + 37);
+        assert_eq!(store.message_count().await.unwrap(), 30 * 3 + 3);
+        assert_eq!(scanned(&store).await, 30 * 3 + 3);
+        let data = |found: Vec<StoredMessage>| -> Vec<String> {
+            found.into_iter().map(|m| m.data).collect()
+        };
+        let newest =
+            |n: usize| -> Vec<String> { (n - 2..=n).map(|i| format!("{{\"n\":{i}}}")).collect() };
+        for user in small.iter().map(String::as_str).chain(["big"]) {
+            let kept = data(store.fetch(user, 0, 0, 100).await.unwrap());
+            let n = if user == "big" { 40 } else { 4 };
+            assert_eq!(kept, newest(n), "{user}");
+        }
+        // What comes after the purge is answered as before.
+        store.accept(vec![plain("big", 41)], 56_000).await.unwrap();
+        let all = store.fetch("big", 0, 0, 100).await.unwrap();
+        let last = all[all.len() - 2].seq;
+        assert_eq!(
+            data(store.fetch("big", last, 0, 100).await.unwrap()),
+            newest(41)[2..]
+        );
     }
 
     /// A purge may delete the newest messages; their seqs are never given
