@@ -52,6 +52,7 @@ say "load tool smoke run (PNS, and Nchan when installed)"
 ops/load/smoke.sh
 
 say "benchmarks of examples/, small and quick (figures printed, never asserted)"
+cargo build --bin pns --examples
 target/debug/examples/bench_maildir --pns target/debug/pns --files 200 --mailboxes 4
 target/debug/examples/bench_purge --pns target/debug/pns --rows 20000 --mailboxes 200 \
     --secs 3 --purge-every 1
