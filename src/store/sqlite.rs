@@ -1458,8 +1458,9 @@ struct PurgeSlice {
 /// Delete what retention no longer keeps, in the mailboxes from `from`
 /// on, as many as about [`PURGE_SLICE_ROWS`] rows hold; the first slice
 /// (`from` `None`) also purges everything beside the messages. The
-/// newest messages may go too, so the first slice raises the seq floor
-/// to `highest_given`: no seq is given twice, even across a restart.
+/// newest messages may go too (with a cap of 0, even those stored since
+/// the purge began), so each slice first raises the seq floor to
+/// `highest_given`: no seq is given twice, even across a restart.
 async fn purge_slice(
     conn: &mut SqliteConnection,
     policy: RetentionPolicy,
@@ -1468,11 +1469,11 @@ async fn purge_slice(
     from: Option<String>,
 ) -> StoreResult<PurgeSlice> {
     let mut slice = PurgeSlice::default();
+    sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
+        .bind(highest_given)
+        .execute(&mut *conn)
+        .await?;
     if from.is_none() {
-        sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
-            .bind(highest_given)
-            .execute(&mut *conn)
-            .await?;
         for expiry in super::PURGED_BESIDE_MESSAGES {
             *(expiry.count)(&mut slice.report) = sqlx::query(expiry.sql)
                 .bind(expiry.older_than.ms(policy, now_ms))
