@@ -63,7 +63,7 @@ const WRITES_PER_COMMIT: usize = 512;
 /// in before the next. A purge in one piece held every notify up for as
 /// long as it took to read the whole table: 1.9–2.0 s with 2 million rows
 /// (`examples/bench_purge.rs`, docs/BENCHMARKS.md). In slices of 2,048
-/// the longest acknowledgement was 16–19 ms, and the purge took 2.4–2.6 s
+/// the longest acknowledgement was 16–44 ms, and the purge took 2.4–3.1 s
 /// instead of about 2; slices of 1,024 made it 3 s, of 16,384 held
 /// notifies up to 54 ms.
 const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
@@ -1459,8 +1459,10 @@ struct PurgeSlice {
 /// on, as many as about [`PURGE_SLICE_ROWS`] rows hold; the first slice
 /// (`from` `None`) also purges everything beside the messages. The
 /// newest messages may go too (with a cap of 0, even those stored since
-/// the purge began), so each slice first raises the seq floor to
-/// `highest_given`: no seq is given twice, even across a restart.
+/// the purge began), so a slice that deletes messages raises the seq
+/// floor to `highest_given` in the same transaction: no seq is given
+/// twice, even across a restart. A slice that deletes nothing writes
+/// nothing.
 async fn purge_slice(
     conn: &mut SqliteConnection,
     policy: RetentionPolicy,
@@ -1469,10 +1471,6 @@ async fn purge_slice(
     from: Option<String>,
 ) -> StoreResult<PurgeSlice> {
     let mut slice = PurgeSlice::default();
-    sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
-        .bind(highest_given)
-        .execute(&mut *conn)
-        .await?;
     if from.is_none() {
         for expiry in super::PURGED_BESIDE_MESSAGES {
             *(expiry.count)(&mut slice.report) = sqlx::query(expiry.sql)
@@ -1528,6 +1526,12 @@ async fn purge_slice(
         let deleted = delete.bind(bound).fetch_all(&mut *conn).await?;
         slice.report.messages += deleted.len() as u64;
         slice.newest_deleted = slice.newest_deleted.max(deleted.into_iter().max());
+    }
+    if slice.newest_deleted.is_some() {
+        sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
+            .bind(highest_given)
+            .execute(&mut *conn)
+            .await?;
     }
     slice.next = next;
     Ok(slice)
