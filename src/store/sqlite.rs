@@ -702,8 +702,9 @@ impl Writer<'_> {
                 Done::on_commit(d, &outcome, after_sync);
             }
         };
-        // Purges can be long; they get a round of their own, after the
-        // positions (a purge makes memory forget what the file has).
+        // A slice of a purge gets a round of its own, so that its failure
+        // fails no notify, after the positions are written (a purge may
+        // delete positions; memory then asks the file for them again).
         if let Some(pos) = round
             .iter()
             .position(|op| matches!(op, WriteOp::Purge { .. }))

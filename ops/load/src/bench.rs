@@ -395,11 +395,9 @@ async fn measure_server(
 
     // 2. A fixed rate, each message stamped with when it was due.
     let total = u64::from(args.rate) * u64::from(args.rate_secs);
+    let to_user = user_of(n, BatchOrder::Scattered);
     let plan = (0..total)
-        .map(|i| {
-            let u = ((i * 7919 + 13) % u64::from(n)) as u32;
-            (u, RATE, phase_base(RATE) + i)
-        })
+        .map(|i| (to_user(i), RATE, phase_base(RATE) + i))
         .collect();
     let (t, c) = (Instant::now(), cpu(&pids));
     let (conns, rate) = send_singles(ingest.clone(), senders, plan, Some(args.rate)).await;
@@ -414,7 +412,7 @@ async fn measure_server(
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
-    let to_user = batch_user(n, args.batch_order);
+    let to_user = user_of(n, args.batch_order);
     let plan: Vec<(u32, u8, u64)> = (0..u64::from(batch_total))
         .map(|i| (to_user(i), BATCH, phase_base(BATCH) + i))
         .collect();
@@ -919,10 +917,11 @@ impl WorkerProc {
     }
 }
 
-/// The user of the batch phase's message `i`, of `n`: scattered (`i`
-/// times a step that shares no factor with `n`, so that any n messages in
-/// a row still reach n users), or in the order the users connected.
-fn batch_user(n: u32, order: BatchOrder) -> impl Fn(u64) -> u32 {
+/// The user of a phase's message `i`, of `n`: scattered (`i` times a
+/// step that shares no factor with `n`, so that any n messages in a row
+/// still reach n users), or in the order the users connected. The rate
+/// phase always scatters; the batch phase as `--batch-order` says.
+fn user_of(n: u32, order: BatchOrder) -> impl Fn(u64) -> u32 {
     let n = u64::from(n.max(1));
     let step = match order {
         BatchOrder::Scattered => (7_919..).find(|&m| gcd(m, n) == 1).unwrap_or(1),
@@ -949,7 +948,7 @@ mod tests {
     fn the_batch_phase_reaches_every_user_in_either_order() {
         for n in [1, 2, 7_919, 15_838, 19_000] {
             for order in [BatchOrder::Scattered, BatchOrder::Connected] {
-                let to_user = batch_user(n, order);
+                let to_user = user_of(n, order);
                 let mut seen = vec![false; n as usize];
                 for i in 0..u64::from(n) {
                     seen[to_user(i) as usize] = true;
@@ -958,8 +957,8 @@ mod tests {
             }
         }
         let (in_order, scattered) = (
-            batch_user(19_000, BatchOrder::Connected),
-            batch_user(19_000, BatchOrder::Scattered),
+            user_of(19_000, BatchOrder::Connected),
+            user_of(19_000, BatchOrder::Scattered),
         );
         assert_eq!((in_order(1), in_order(2)), (1, 2));
         assert_eq!((scattered(1), scattered(2)), (7_919, 15_838));
