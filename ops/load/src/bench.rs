@@ -321,24 +321,26 @@ async fn measure_server(
     let tool_pids: Vec<u32> = std::iter::once(std::process::id())
         .chain(workers.pids())
         .collect();
-    // Server (its processes `pids`) and load tool CPU seconds so far, and since.
-    let cpu = |pids: &[u32]| {
+    // Server and load tool CPU seconds so far, and since. The server's
+    // processes are looked up at each reading: nginx replaces a worker
+    // that dies (whose time goes to the master's, see `procstat`).
+    let cpu = || {
         (
-            crate::procstat::cpu_secs(pids),
+            crate::procstat::cpu_secs(&server.pids()),
             crate::procstat::cpu_secs(&tool_pids),
         )
     };
-    let cpu_since = |pids: &[u32], (server, tool): (f64, f64)| {
-        let now = cpu(pids);
+    let cpu_since = |(server, tool): (f64, f64)| {
+        let now = cpu();
         (now.0 - server, now.1 - tool)
     };
 
     eprintln!("pns-load: {name}: ramping up {n} held polls with {worker_count} worker(s)");
-    let (c, overflows) = (cpu(&pids), crate::procstat::listen_overflows());
+    let (c, overflows) = (cpu(), crate::procstat::listen_overflows());
     workers.tell(&Cmd::Hold).await?;
     let limit = Duration::from_secs(args.phase_limit_secs);
     let (held, ramp) = until_all_held(&ingest, &mut control, n, limit, RAMP_LOOK_EVERY).await?;
-    let (server_s, load_tool_s) = cpu_since(&pids, c);
+    let (server_s, load_tool_s) = cpu_since(c);
     let ramp_dropped = overflows
         .zip(crate::procstat::listen_overflows())
         .map(|(before, after)| after.saturating_sub(before));
@@ -374,7 +376,7 @@ async fn measure_server(
     let mut expected = 0u64;
 
     // 1. One message to every user, as fast as it goes.
-    let (t, c) = (Instant::now(), cpu(&pids));
+    let (t, c) = (Instant::now(), cpu());
     let (conns, single) = send_singles(
         ingest.clone(),
         senders,
@@ -391,7 +393,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "single")
         .await?;
     let single_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let single_cpu = cpu_since(&pids, c);
+    let single_cpu = cpu_since(c);
 
     // 2. A fixed rate, each message stamped with when it was due.
     let total = u64::from(args.rate) * u64::from(args.rate_secs);
@@ -399,7 +401,7 @@ async fn measure_server(
     let plan = (0..total)
         .map(|i| (to_user(i), RATE, phase_base(RATE) + i))
         .collect();
-    let (t, c) = (Instant::now(), cpu(&pids));
+    let (t, c) = (Instant::now(), cpu());
     let (conns, rate) = send_singles(ingest.clone(), senders, plan, Some(args.rate)).await;
     senders = conns;
     let rate_secs = t.elapsed().as_secs_f64();
@@ -408,7 +410,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "rate")
         .await?;
     let rate_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let rate_cpu = cpu_since(&pids, c);
+    let rate_cpu = cpu_since(c);
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
@@ -416,7 +418,7 @@ async fn measure_server(
     let plan: Vec<(u32, u8, u64)> = (0..u64::from(batch_total))
         .map(|i| (to_user(i), BATCH, phase_base(BATCH) + i))
         .collect();
-    let (t, c) = (Instant::now(), cpu(&pids));
+    let (t, c) = (Instant::now(), cpu());
     let (batch, batch_mode) = match kind {
         TargetKind::Pns => (send_batches(server, octet, args, plan).await?, "batches"),
         TargetKind::Nchan => {
@@ -431,7 +433,7 @@ async fn measure_server(
         .await_delivery(expected, limit, name, "batch")
         .await?;
     let batch_held_again = held_again(&ingest, server, octet, n, limit).await?;
-    let batch_cpu = cpu_since(&pids, c);
+    let batch_cpu = cpu_since(c);
     drop(senders);
     // The polls are held again by now; what answering them left behind,
     // once the allocators had time to hand back what the bursts used.

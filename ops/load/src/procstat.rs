@@ -75,7 +75,9 @@ fn tcp_ext(netstat: &str, name: &str) -> Option<u64> {
     values.split_whitespace().nth(at)?.parse().ok()
 }
 
-/// User plus system CPU time of `pids`, in seconds.
+/// User plus system CPU time of `pids`, in seconds, with that of their
+/// children that exited and were waited for: an nginx worker that dies
+/// in a phase leaves the tree, and its time goes to the master's.
 pub fn cpu_secs(pids: &[u32]) -> f64 {
     cpu_ticks(pids) as f64 / clock_ticks_per_sec()
 }
@@ -85,13 +87,18 @@ fn clock_ticks_per_sec() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
-/// User plus system CPU time of `pids`, in clock ticks.
+/// User plus system CPU time of `pids` and of their children waited
+/// for, in clock ticks.
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| {
             let f = stat_fields(*p)?;
-            // utime and stime are fields 14 and 15; f[0] is field 3.
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            // utime, stime, cutime and cstime are fields 14 to 17; f[0] is
+            // field 3.
+            f.get(11..15)?
+                .iter()
+                .map(|t| t.parse::<u64>().ok())
+                .sum::<Option<u64>>()
         })
         .sum()
 }
@@ -121,6 +128,29 @@ mod tests {
         assert!(
             listen_overflows().is_some(),
             "this machine's /proc/net/netstat"
+        );
+    }
+
+    /// A child that used CPU and was waited for still counts in its
+    /// parent's time, as a dead nginx worker in its master's.
+    #[test]
+    fn the_time_of_a_child_that_exited_counts_in_its_parent() {
+        let me = [std::process::id()];
+        let before = cpu_ticks(&me);
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let used = || cpu_ticks(&[child.id()]);
+        while used() < 20 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let child_used = used();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            cpu_ticks(&me) - before >= child_used,
+            "the child used {child_used} ticks"
         );
     }
 }
