@@ -211,6 +211,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
     let started_ms = crate::clock::now_ms();
     let shutdown = Shutdown::new();
+    let signalled = crate::shutdown::signals();
     // A restart's clients, reconnecting all at once, wait in the kernel's
     // queues for their turn, not a second for their SYN to be sent again.
     let max_connections = connection_limit();
@@ -284,7 +285,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // A listener that cannot go on stops the node too.
     tokio::select! {
-        _ = crate::shutdown::signal() => {}
+        _ = signalled => {}
         _ = shutdown.wait() => {}
     }
     shutdown.trigger();

@@ -71,6 +71,19 @@ async fn after_kill_9_a_client_without_cursor_gets_at_most_its_last_answer_again
     assert!(got == ["three"] || got == ["two", "three"], "got {got:?}");
 }
 
+/// A SIGTERM as soon as the node says it listens is a clean shutdown
+/// too: it listens for the signal before it says so.
+#[tokio::test]
+async fn sigterm_right_after_listening_exits_cleanly() {
+    for _ in 0..10 {
+        let mut s = Server::start();
+        let (code, _) = tokio::task::spawn_blocking(move || s.sigterm())
+            .await
+            .unwrap();
+        assert_eq!(code, Some(0), "pns did not exit cleanly");
+    }
+}
+
 #[tokio::test]
 async fn sigterm_answers_held_polls_at_once_and_exits_cleanly() {
     let mut s = Server::start();
