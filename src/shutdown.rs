@@ -31,8 +31,9 @@ impl Shutdown {
 }
 
 /// Listens for SIGTERM and SIGINT from now on, and resolves on the first.
-/// Called before the node says it listens: until then either signal ends
-/// the process at once, as the kernel's default, with no clean shutdown.
+/// Called before the node opens its store and listeners: a signal before
+/// this ends the process as the kernel's default does, with no clean
+/// shutdown.
 pub fn signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, Signal, SignalKind};
     let listen = |kind: SignalKind, name: &str| match signal(kind) {
