@@ -71,22 +71,31 @@ async fn after_kill_9_a_client_without_cursor_gets_at_most_its_last_answer_again
     assert!(got == ["three"] || got == ["two", "three"], "got {got:?}");
 }
 
+/// [`Server::sigterm`] off the runtime's thread; the server comes back, so
+/// that a failing assertion after it still shows its log.
+async fn sigterm(mut s: Server) -> (Server, (Option<i32>, Duration)) {
+    tokio::task::spawn_blocking(move || {
+        let exit = s.sigterm();
+        (s, exit)
+    })
+    .await
+    .unwrap()
+}
+
 /// A SIGTERM as soon as the node says it listens is a clean shutdown
 /// too: it listens for the signal before it says so.
 #[tokio::test]
 async fn sigterm_right_after_listening_exits_cleanly() {
     for _ in 0..10 {
-        let mut s = Server::start();
-        let (code, _) = tokio::task::spawn_blocking(move || s.sigterm())
-            .await
-            .unwrap();
+        let s = Server::start();
+        let (_s, (code, _)) = sigterm(s).await;
         assert_eq!(code, Some(0), "pns did not exit cleanly");
     }
 }
 
 #[tokio::test]
 async fn sigterm_answers_held_polls_at_once_and_exits_cleanly() {
-    let mut s = Server::start();
+    let s = Server::start();
     let sids: Vec<String> = (0..5)
         .map(|i| s.sid(&format!("u{i}@example.com")))
         .collect();
@@ -103,9 +112,7 @@ async fn sigterm_answers_held_polls_at_once_and_exits_cleanly() {
         assert!(std::time::Instant::now() < deadline, "polls were not held");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (code, took) = tokio::task::spawn_blocking(move || s.sigterm())
-        .await
-        .unwrap();
+    let (_s, (code, took)) = sigterm(s).await;
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(10), "exit took {took:?}");
     for p in polls {

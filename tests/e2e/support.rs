@@ -5,12 +5,16 @@
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The server's last log lines kept, shown when a test fails.
+const LOG_LINES_KEPT: usize = 100;
 
 pub struct Server {
     child: Child,
@@ -23,6 +27,8 @@ pub struct Server {
     wrap: Vec<String>,
     pub http: reqwest::Client,
     _tmp: Option<tempfile::TempDir>,
+    /// The last [`LOG_LINES_KEPT`] lines the server logged.
+    log: Arc<Mutex<VecDeque<String>>>,
 }
 
 pub struct Answer {
@@ -106,6 +112,8 @@ impl Server {
         let mut child = cmd.spawn().expect("start pns");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -113,9 +121,14 @@ impl Server {
                     eprintln!("[pns] {line}");
                 }
                 if !sent && line.contains("pns listening") {
-                    let _ = tx.send(line);
+                    let _ = tx.send(line.clone());
                     sent = true;
                 }
+                let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+                if kept.len() == LOG_LINES_KEPT {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
             }
         });
         let line = rx
@@ -143,6 +156,7 @@ impl Server {
                 .build()
                 .unwrap(),
             _tmp: None,
+            log,
         }
     }
 
@@ -322,6 +336,15 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the server said (all of it with
+        // PNS_TEST_LOG set).
+        if std::thread::panicking() && std::env::var_os("PNS_TEST_LOG").is_none() {
+            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            eprintln!("pns's last {} log lines:", log.len());
+            for line in log.iter() {
+                eprintln!("[pns] {line}");
+            }
+        }
     }
 }
 
