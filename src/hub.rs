@@ -65,7 +65,7 @@ pub const MAX_USERS_ANSWERED_AT_COMMIT: usize = 16;
 /// which the SQLite writer waits before its next round: a fraction of a
 /// millisecond of the polls' thread. With 16, 32, 64 and 256 the single
 /// notifies of the benchmark went equally fast, and their delivery p99
-/// took about 5.3, 5.6, 7.4 and 15 ms (docs/BENCHMARKS.md, ²⁴).
+/// took about 5.3, 5.6, 7.4 and 15 ms (docs/benchmarks/NOTES.md, ²⁴).
 pub const MAX_ANSWERS_OWED: usize = 16;
 /// The longest the writer waits for the answers owed, so that notifies are
 /// still stored and acknowledged if the polls' runtime stalls. Unit tests
@@ -379,7 +379,7 @@ impl Hub {
     /// wait for those answers ([`Hub::answers_caught_up`]), and its next
     /// insert then ran alone on one core while the other had nothing to do
     /// (batches of 500 with two runtime threads: 28,157 → 32,091 messages
-    /// a second at the median of six pairs, docs/BENCHMARKS.md, ⁴²).
+    /// a second at the median of six pairs, docs/benchmarks/NOTES.md, ⁴²).
     pub fn wake_after_commit(&self, users: &[String], read: ReadNews<'_>) {
         let here = if users.len() <= MAX_USERS_ANSWERED_AT_COMMIT {
             users.len()

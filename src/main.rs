@@ -16,7 +16,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// thread, and the trimming sent the blocks back to the arena only for the
 /// next allocations to fetch them again. Server CPU per notify at 1,000 a
 /// second went down 3–7 % at the medians of three sets of pairs of rounds,
-/// less than it spreads between runs (docs/BENCHMARKS.md, ²⁷).
+/// less than it spreads between runs (docs/benchmarks/NOTES.md, ²⁷).
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_OPTIONS: JemallocOptions =
     JemallocOptions(c"experimental_tcache_gc:false,lg_tcache_nslots_mul:2".as_ptr());
@@ -34,7 +34,7 @@ fn main() -> std::process::ExitCode {
     // accepting thread take a core between them, so by default the polls get
     // the others, and at least two where there are two cores: a burst's
     // deliveries then run on both cores instead of one while the other
-    // waits for them (docs/BENCHMARKS.md, ³³). TOKIO_WORKER_THREADS still
+    // waits for them (docs/benchmarks/NOTES.md, ³³). TOKIO_WORKER_THREADS still
     // decides when it is set. On one core it is a current-thread runtime:
     // the same one thread as a multi-thread runtime of one worker, without
     // the machinery for sharing work between workers.

@@ -3,7 +3,7 @@
 //! file for the process, and from then on the process's connections
 //! coordinate in memory, the WAL index in the heap instead of a `-shm`
 //! file. So no commit locks anything in the kernel: before, each made six
-//! `fcntl` calls on the WAL index (docs/BENCHMARKS.md, the change table, ²³).
+//! `fcntl` calls on the WAL index (docs/benchmarks/NOTES.md, ²³).
 //!
 //! Another process cannot open the file while the node runs. A second node
 //! on the same file must not run anyway: each node keeps the newest

@@ -62,7 +62,7 @@ pub struct BenchArgs {
     /// many rounds went each way, so one noisy phase on a shared machine
     /// does not decide a figure. Five, since a machine whose slow spells
     /// last tens of seconds put two of three rounds of one target in them
-    /// (docs/BENCHMARKS.md, ⁴¹).
+    /// (docs/benchmarks/NOTES.md, ⁴¹).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=99))]
     pub rounds: u32,
     /// The targets whose failures (a poll not held, a notify refused, a

@@ -62,7 +62,7 @@ impl Conn {
         // a closing handshake would leave each in TIME_WAIT for a minute on
         // its source address, which the next round of the same target binds
         // again; that round's ramp ran slower, on both sides
-        // (docs/BENCHMARKS.md, ³⁹).
+        // (docs/benchmarks/NOTES.md, ³⁹).
         socket.set_linger(Some(Duration::ZERO))?;
         socket
             .bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))

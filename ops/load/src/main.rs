@@ -40,7 +40,7 @@ use std::path::PathBuf;
 /// the cores the servers are measured on, and more in PNS's ramps than in
 /// Nchan's: over five pairs of rounds its CPU in PNS's ramps went from
 /// 1.06 to 0.85 s with jemalloc, in Nchan's from 0.93 to 0.87 s
-/// (docs/BENCHMARKS.md, ³⁷).
+/// (docs/benchmarks/NOTES.md, ³⁷).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
