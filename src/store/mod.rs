@@ -205,6 +205,129 @@ pub(super) const PURGED_BESIDE_MESSAGES: [Expiry; 4] = [
     },
 ];
 
+/// About how many rows of messages one slice of a purge goes through. Each
+/// slice is a transaction of its own: in the SQLite store a round of the
+/// writer's own, and the notifies that came meanwhile go in before the
+/// next. A purge in one piece held every notify up for as long as it took
+/// to read the whole table: 1.9–2.0 s with 2 million rows
+/// (`examples/bench_purge.rs`, docs/BENCHMARKS.md). In slices of 2,048
+/// the longest acknowledgement was 16–44 ms, and the purge took 2.4–3.1 s
+/// instead of about 2; slices of 1,024 made it 3 s, of 16,384 held
+/// notifies up to 54 ms. In PostgreSQL, slices keep a purge after a long
+/// pause or a lowered retention from being one huge transaction.
+pub(super) const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
+
+/// What one slice of a purge did ([`purge_slice`]).
+#[derive(Debug, Default)]
+pub(super) struct PurgeSlice {
+    pub report: PurgeReport,
+    /// Where the next slice begins; `None` when this one reached the end.
+    pub next: Option<String>,
+    /// The newest seq deleted.
+    pub newest_deleted: Option<i64>,
+}
+
+/// The rows a statement changed, in either store.
+pub(super) trait RowsAffected {
+    fn rows(&self) -> u64;
+}
+
+impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::postgres::PgQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+/// One slice of a purge, the same in both stores: in the mailboxes from
+/// `from` on, as many as about [`PURGE_SLICE_ROWS`] rows hold, delete the
+/// messages older than the retention and those past the newest
+/// `max_messages_per_user` of their mailbox; the first slice (`from`
+/// `None`) also deletes what [`PURGED_BESIDE_MESSAGES`] names. The caller
+/// makes each slice a transaction.
+pub(super) async fn purge_slice<DB>(
+    conn: &mut DB::Connection,
+    policy: RetentionPolicy,
+    now_ms: i64,
+    from: Option<String>,
+) -> Result<PurgeSlice, sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'e> &'e mut DB::Connection: sqlx::Executor<'e, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'r> String: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    DB::QueryResult: RowsAffected,
+{
+    let mut slice = PurgeSlice::default();
+    if from.is_none() {
+        for expiry in PURGED_BESIDE_MESSAGES {
+            *(expiry.count)(&mut slice.report) = sqlx::query(expiry.sql)
+                .bind(expiry.older_than.ms(policy, now_ms))
+                .execute(&mut *conn)
+                .await?
+                .rows();
+        }
+    }
+    let from = from.unwrap_or_default();
+    let from = from.as_str();
+    // The first mailbox of the next slice: the one PURGE_SLICE_ROWS rows
+    // on, or the one after `from` if `from` alone holds that many.
+    let mut next: Option<String> = sqlx::query_scalar(
+        "SELECT mailbox FROM messages WHERE mailbox >= $1 ORDER BY mailbox, seq LIMIT 1 OFFSET $2",
+    )
+    .bind(from)
+    .bind(PURGE_SLICE_ROWS)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if next.as_deref() == Some(from) {
+        next = sqlx::query_scalar(
+            "SELECT mailbox FROM messages WHERE mailbox > $1 ORDER BY mailbox LIMIT 1",
+        )
+        .bind(from)
+        .fetch_optional(&mut *conn)
+        .await?;
+    }
+    let (in_slice, bound) = match next {
+        Some(_) => ("mailbox >= $1 AND mailbox < $2", "$3"),
+        None => ("mailbox >= $1", "$2"),
+    };
+    let expired = (
+        format!("DELETE FROM messages WHERE {in_slice} AND visible_ms < {bound} RETURNING seq"),
+        OlderThan::Retention.ms(policy, now_ms),
+    );
+    let over_cap = (
+        format!(
+            "DELETE FROM messages WHERE (mailbox, seq) IN (
+                SELECT mailbox, seq FROM (
+                    SELECT mailbox, seq,
+                           row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
+                    FROM messages WHERE {in_slice}
+                ) AS ranked WHERE rn > {bound}
+            ) RETURNING seq"
+        ),
+        i64::from(policy.max_messages_per_user),
+    );
+    for (sql, bound) in [expired, over_cap] {
+        let mut delete = sqlx::query_scalar::<DB, i64>(&sql).bind(from);
+        if let Some(next) = next.as_deref() {
+            delete = delete.bind(next);
+        }
+        let deleted = delete.bind(bound).fetch_all(&mut *conn).await?;
+        slice.report.messages += deleted.len() as u64;
+        slice.newest_deleted = slice.newest_deleted.max(deleted.into_iter().max());
+    }
+    slice.next = next;
+    Ok(slice)
+}
+
 /// One statement of a purge.
 pub(super) struct Expiry {
     /// Written with `$1`, which SQLite takes too.

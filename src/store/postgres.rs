@@ -924,44 +924,31 @@ impl MessageStore for PgStore {
 
     async fn purge(&self, policy: RetentionPolicy, now_ms: i64) -> StoreResult<PurgeReport> {
         let channel = self.prepared().await?;
-        let mut tx = self.pool.begin().await?;
-        // Every node runs the purge; one at a time does the work, the others
-        // skip their turn rather than fight over the same rows.
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(lock_key(&format!("{channel}/purge")))
-            .fetch_one(&mut *tx)
-            .await?;
+        let lock = lock_key(&format!("{channel}/purge"));
         let mut report = PurgeReport::default();
-        if !ours {
-            return Ok(report);
+        let mut from = None;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            // Every node runs the purge; one at a time does the work, the
+            // others skip their turn rather than fight over the same rows.
+            // The lock is taken for each slice: a node that finds it taken
+            // in the middle leaves the rest to the node that has it.
+            let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(lock)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !ours {
+                return Ok(report);
+            }
+            let slice =
+                super::purge_slice::<sqlx::Postgres>(&mut tx, policy, now_ms, from.take()).await?;
+            tx.commit().await?;
+            report += slice.report;
+            match slice.next {
+                Some(next) => from = Some(next),
+                None => return Ok(report),
+            }
         }
-        let cutoff = super::OlderThan::Retention.ms(policy, now_ms);
-        report.messages += sqlx::query("DELETE FROM messages WHERE visible_ms < $1")
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        report.messages += sqlx::query(
-            "DELETE FROM messages WHERE seq IN (
-                SELECT seq FROM (
-                    SELECT seq, row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
-                    FROM messages
-                ) ranked WHERE rn > $1
-            )",
-        )
-        .bind(i64::from(policy.max_messages_per_user))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        for expiry in super::PURGED_BESIDE_MESSAGES {
-            *(expiry.count)(&mut report) = sqlx::query(expiry.sql)
-                .bind(expiry.older_than.ms(policy, now_ms))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(report)
     }
 
     async fn message_count(&self) -> StoreResult<i64> {

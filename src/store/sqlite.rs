@@ -39,7 +39,7 @@ use super::sqlite_direct::{Direct, PositionRow};
 use super::wal_sync::{SyncHealth, Waiters, WalSync, SYNC_NOW};
 use super::{
     new_message_id, Acceptance, Accepted, Durable, MessageStore, NewMessage, OpaqueSession,
-    PurgeReport, RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
+    PurgeReport, PurgeSlice, RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
 };
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -58,15 +58,6 @@ use tokio::time::Instant;
 const WRITE_QUEUE: usize = 4096;
 /// Writes committed together at most.
 const WRITES_PER_COMMIT: usize = 512;
-/// Rows of messages a slice of a purge goes through, about: each slice is
-/// a round of the writer's own, and the notifies that came meanwhile go
-/// in before the next. A purge in one piece held every notify up for as
-/// long as it took to read the whole table: 1.9–2.0 s with 2 million rows
-/// (`examples/bench_purge.rs`, docs/BENCHMARKS.md). In slices of 2,048
-/// the longest acknowledgement was 16–44 ms, and the purge took 2.4–3.1 s
-/// instead of about 2; slices of 1,024 made it 3 s, of 16,384 held
-/// notifies up to 54 ms.
-const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
 /// Pages in the write-ahead log that make a commit checkpoint it into the
 /// database file. A checkpoint syncs both files on the writer's thread,
 /// which holds up the rounds behind it, so this is only the fallback: the
@@ -205,7 +196,7 @@ enum WriteOp {
     },
     /// One slice of a purge: the mailboxes from `from` on (from the first
     /// when `None`, with everything else the purge deletes), as many as
-    /// about [`PURGE_SLICE_ROWS`] rows hold.
+    /// about [`super::PURGE_SLICE_ROWS`] rows hold.
     Purge {
         policy: RetentionPolicy,
         now_ms: i64,
@@ -1446,19 +1437,7 @@ async fn count_stored(conn: &mut SqliteConnection) -> StoreResult<i64> {
     .await?)
 }
 
-/// What one slice of a purge did ([`WriteOp::Purge`]).
-#[derive(Debug, Default)]
-struct PurgeSlice {
-    report: PurgeReport,
-    /// Where the next slice begins; `None` when this one reached the end.
-    next: Option<String>,
-    /// The newest seq deleted.
-    newest_deleted: Option<i64>,
-}
-
-/// Delete what retention no longer keeps, in the mailboxes from `from`
-/// on, as many as about [`PURGE_SLICE_ROWS`] rows hold; the first slice
-/// (`from` `None`) also purges everything beside the messages. The
+/// One slice of a purge ([`super::purge_slice`]). The
 /// newest messages may go too (with a cap of 0, even those stored since
 /// the purge began), so a slice that deletes messages raises the seq
 /// floor to `highest_given` in the same transaction: no seq is given
@@ -1471,70 +1450,13 @@ async fn purge_slice(
     highest_given: i64,
     from: Option<String>,
 ) -> StoreResult<PurgeSlice> {
-    let mut slice = PurgeSlice::default();
-    if from.is_none() {
-        for expiry in super::PURGED_BESIDE_MESSAGES {
-            *(expiry.count)(&mut slice.report) = sqlx::query(expiry.sql)
-                .bind(expiry.older_than.ms(policy, now_ms))
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-        }
-    }
-    let from = from.unwrap_or_default();
-    // The first mailbox of the next slice: the one PURGE_SLICE_ROWS rows
-    // on, or the one after `from` if `from` alone holds that many.
-    let mut next: Option<String> = sqlx::query_scalar(
-        "SELECT mailbox FROM messages WHERE mailbox >= ? ORDER BY mailbox, seq LIMIT 1 OFFSET ?",
-    )
-    .bind(&from)
-    .bind(PURGE_SLICE_ROWS)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if next.as_ref() == Some(&from) {
-        next = sqlx::query_scalar(
-            "SELECT mailbox FROM messages WHERE mailbox > ? ORDER BY mailbox LIMIT 1",
-        )
-        .bind(&from)
-        .fetch_optional(&mut *conn)
-        .await?;
-    }
-    let in_slice = match next {
-        Some(_) => "mailbox >= ? AND mailbox < ?",
-        None => "mailbox >= ?",
-    };
-    let expired = (
-        format!("DELETE FROM messages WHERE {in_slice} AND visible_ms < ? RETURNING seq"),
-        super::OlderThan::Retention.ms(policy, now_ms),
-    );
-    let over_cap = (
-        format!(
-            "DELETE FROM messages WHERE (mailbox, seq) IN (
-                SELECT mailbox, seq FROM (
-                    SELECT mailbox, seq,
-                           row_number() OVER (PARTITION BY mailbox ORDER BY seq DESC) AS rn
-                    FROM messages WHERE {in_slice}
-                ) WHERE rn > ?
-            ) RETURNING seq"
-        ),
-        i64::from(policy.max_messages_per_user),
-    );
-    for (sql, bound) in [expired, over_cap] {
-        let mut delete = sqlx::query_scalar::<_, i64>(&sql).bind(&from);
-        if let Some(next) = &next {
-            delete = delete.bind(next);
-        }
-        let deleted = delete.bind(bound).fetch_all(&mut *conn).await?;
-        slice.report.messages += deleted.len() as u64;
-        slice.newest_deleted = slice.newest_deleted.max(deleted.into_iter().max());
-    }
+    let slice = super::purge_slice::<sqlx::Sqlite>(&mut *conn, policy, now_ms, from).await?;
     if slice.newest_deleted.is_some() {
         sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
             .bind(highest_given)
             .execute(&mut *conn)
             .await?;
     }
-    slice.next = next;
     Ok(slice)
 }
 

@@ -659,18 +659,69 @@ async fn retention_on_several_nodes_keeps_the_newest_messages_of_each_user() {
     }
 }
 
-#[tokio::test]
-async fn retention_on_postgresql_forgets_dedup_keys_past_the_maximum_age() {
-    let schema = Schema::create().await;
+/// A ready node on `schema` with `retention` set, purging every second.
+async fn purging_node(schema: &Schema, retention: (&str, &str)) -> Server {
     let url = schema.url();
     let s = Server::start_with(&[
         ("PNS_DATABASE_URL", url.as_str()),
         ("PNS_JWT_SECRET", SECRET),
         ("PNS_INTERNAL_TOKEN", TOKEN),
-        ("PNS_RETENTION_MAX_AGE_SECS", "1"),
+        retention,
         ("PNS_RETENTION_INTERVAL_SECS", "1"),
     ]);
     wait_ready(&s).await;
+    s
+}
+
+/// A purge goes through the table in slices of about 2,048 rows, each a
+/// transaction of its own; together they keep exactly each user's newest
+/// messages: here 700 users of 4 messages and one of 2,500 (longer than a
+/// slice), 5,300 rows.
+#[tokio::test]
+async fn retention_on_postgresql_purges_a_large_store_in_slices() {
+    let schema = Schema::create().await;
+    let s = purging_node(&schema, ("PNS_RETENTION_MAX_MESSAGES", "2")).await;
+    let small: Vec<Value> = (0..4)
+        .flat_map(|m| {
+            (0..700).map(move |u| mail(&format!("u{u:03}@example.com"), &format!("m{m}")))
+        })
+        .collect();
+    let big = (0..2500).map(|m| mail("big@example.com", &format!("b{m}")));
+    let all: Vec<Value> = small.into_iter().chain(big).collect();
+    for batch in all.chunks(1000) {
+        let a = s.notify(json!({ "messages": batch })).await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    }
+    let kept = |sql: &'static str| {
+        let sql = sql.replace("messages", &format!("\"{}\".messages", schema.name));
+        let admin = schema.admin.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kept("SELECT count(*) FROM messages").await != 701 * 2 {
+        assert!(Instant::now() < deadline, "not purged down to 2 a user");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let not_newest = kept(
+        "SELECT count(*) FROM messages WHERE data NOT LIKE '%\"m2\"%' AND data NOT LIKE '%\"m3\"%'
+         AND data NOT LIKE '%\"b2498\"%' AND data NOT LIKE '%\"b2499\"%'",
+    )
+    .await;
+    assert_eq!(
+        not_newest, 0,
+        "kept a message that is not among its user's newest"
+    );
+}
+
+#[tokio::test]
+async fn retention_on_postgresql_forgets_dedup_keys_past_the_maximum_age() {
+    let schema = Schema::create().await;
+    let s = purging_node(&schema, ("PNS_RETENTION_MAX_AGE_SECS", "1")).await;
     let mut keyed = mail("alice@example.com", "keyed");
     keyed["dedupKey"] = json!("k1");
     assert_eq!(s.notify(keyed.clone()).await.body["accepted"], 1);
