@@ -213,8 +213,7 @@ pub(super) const PURGED_BESIDE_MESSAGES: [Expiry; 4] = [
 /// (`examples/bench_purge.rs`, docs/BENCHMARKS.md). In slices of 2,048
 /// the longest acknowledgement was 16–44 ms, and the purge took 2.4–3.1 s
 /// instead of about 2; slices of 1,024 made it 3 s, of 16,384 held
-/// notifies up to 54 ms. In PostgreSQL, slices keep a purge after a long
-/// pause or a lowered retention from being one huge transaction.
+/// notifies up to 54 ms. (The PostgreSQL store's slices are larger.)
 pub(super) const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
 
 /// What one slice of a purge did ([`purge_slice`]).
@@ -245,16 +244,19 @@ impl RowsAffected for sqlx::postgres::PgQueryResult {
 }
 
 /// One slice of a purge, the same in both stores: in the mailboxes from
-/// `from` on, as many as about [`PURGE_SLICE_ROWS`] rows hold, delete the
-/// messages older than the retention and those past the newest
-/// `max_messages_per_user` of their mailbox; the first slice (`from`
-/// `None`) also deletes what [`PURGED_BESIDE_MESSAGES`] names. The caller
-/// makes each slice a transaction.
+/// `from` on, as many as about `rows` rows hold, delete the messages past
+/// the newest `max_messages_per_user` of their mailbox, and with `by_age`
+/// those older than the retention (a store with an index on their age
+/// deletes those through it instead); the first slice (`from` `None`)
+/// also deletes what [`PURGED_BESIDE_MESSAGES`] names. The caller makes
+/// each slice a transaction.
 pub(super) async fn purge_slice<DB>(
     conn: &mut DB::Connection,
     policy: RetentionPolicy,
     now_ms: i64,
     from: Option<String>,
+    rows: i64,
+    by_age: bool,
 ) -> Result<PurgeSlice, sqlx::Error>
 where
     DB: sqlx::Database,
@@ -278,13 +280,13 @@ where
     }
     let from = from.unwrap_or_default();
     let from = from.as_str();
-    // The first mailbox of the next slice: the one PURGE_SLICE_ROWS rows
+    // The first mailbox of the next slice: the one `rows` rows
     // on, or the one after `from` if `from` alone holds that many.
     let mut next: Option<String> = sqlx::query_scalar(
         "SELECT mailbox FROM messages WHERE mailbox >= $1 ORDER BY mailbox, seq LIMIT 1 OFFSET $2",
     )
     .bind(from)
-    .bind(PURGE_SLICE_ROWS)
+    .bind(rows)
     .fetch_optional(&mut *conn)
     .await?;
     if next.as_deref() == Some(from) {
@@ -315,7 +317,11 @@ where
         ),
         i64::from(policy.max_messages_per_user),
     );
-    for (sql, bound) in [expired, over_cap] {
+    let deletes = match by_age {
+        true => vec![expired, over_cap],
+        false => vec![over_cap],
+    };
+    for (sql, bound) in deletes {
         let mut delete = sqlx::query_scalar::<DB, i64>(&sql).bind(from);
         if let Some(next) = next.as_deref() {
             delete = delete.bind(next);

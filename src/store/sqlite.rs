@@ -1450,7 +1450,15 @@ async fn purge_slice(
     highest_given: i64,
     from: Option<String>,
 ) -> StoreResult<PurgeSlice> {
-    let slice = super::purge_slice::<sqlx::Sqlite>(&mut *conn, policy, now_ms, from).await?;
+    let slice = super::purge_slice::<sqlx::Sqlite>(
+        &mut *conn,
+        policy,
+        now_ms,
+        from,
+        super::PURGE_SLICE_ROWS,
+        true,
+    )
+    .await?;
     if slice.newest_deleted.is_some() {
         sqlx::query("UPDATE seq_floor SET seq = max(seq, ?) WHERE id = 1")
             .bind(highest_given)

@@ -673,49 +673,76 @@ async fn purging_node(schema: &Schema, retention: (&str, &str)) -> Server {
     s
 }
 
-/// A purge goes through the table in slices of about 2,048 rows, each a
+/// A purge goes through the table in slices of about 16,384 rows, each a
 /// transaction of its own; together they keep exactly each user's newest
-/// messages: here 700 users of 4 messages and one of 2,500 (longer than a
-/// slice), 5,300 rows.
+/// messages: here 5,000 users of 4 messages and one of 17,000 (longer
+/// than a slice), 37,000 rows.
 #[tokio::test]
 async fn retention_on_postgresql_purges_a_large_store_in_slices() {
     let schema = Schema::create().await;
-    let s = purging_node(&schema, ("PNS_RETENTION_MAX_MESSAGES", "2")).await;
-    let small: Vec<Value> = (0..4)
-        .flat_map(|m| {
-            (0..700).map(move |u| mail(&format!("u{u:03}@example.com"), &format!("m{m}")))
-        })
-        .collect();
-    let big = (0..2500).map(|m| mail("big@example.com", &format!("b{m}")));
-    let all: Vec<Value> = small.into_iter().chain(big).collect();
-    for batch in all.chunks(1000) {
-        let a = s.notify(json!({ "messages": batch })).await;
-        assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
-    }
-    let kept = |sql: &'static str| {
-        let sql = sql.replace("messages", &format!("\"{}\".messages", schema.name));
-        let admin = schema.admin.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(&sql)
-                .fetch_one(&admin)
-                .await
-                .unwrap()
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while kept("SELECT count(*) FROM messages").await != 701 * 2 {
-        assert!(Instant::now() < deadline, "not purged down to 2 a user");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let not_newest = kept(
-        "SELECT count(*) FROM messages WHERE data NOT LIKE '%\"m2\"%' AND data NOT LIKE '%\"m3\"%'
-         AND data NOT LIKE '%\"b2498\"%' AND data NOT LIKE '%\"b2499\"%'",
+    let small = (0..4).flat_map(|m| {
+        (0..5000).map(move |u| mail(&format!("u{u:04}@example.com"), &format!("m{m}")))
+    });
+    let big = (0..17_000).map(|m| mail("big@example.com", &format!("b{m}")));
+    send_in_batches(&schema, small.chain(big)).await;
+    let _purging = purging_node(&schema, ("PNS_RETENTION_MAX_MESSAGES", "2")).await;
+    until_stored(&schema, 5001 * 2).await;
+    let not_newest = stored(
+        &schema,
+        "WHERE data NOT LIKE '%\"m2\"%' AND data NOT LIKE '%\"m3\"%'
+         AND data NOT LIKE '%\"b16998\"%' AND data NOT LIKE '%\"b16999\"%'",
     )
     .await;
     assert_eq!(
         not_newest, 0,
         "kept a message that is not among its user's newest"
     );
+}
+
+/// Messages past the retention age go as many at a time as a slice holds:
+/// here 17,000, more than one slice.
+#[tokio::test]
+async fn retention_on_postgresql_drops_a_large_store_past_the_maximum_age() {
+    let schema = Schema::create().await;
+    let all = (0..17_000).map(|m| mail(&format!("u{}@example.com", m % 100), "old"));
+    send_in_batches(&schema, all).await;
+    let _purging = purging_node(&schema, ("PNS_RETENTION_MAX_AGE_SECS", "1")).await;
+    until_stored(&schema, 0).await;
+}
+
+/// Store `messages` in `schema`, in batches of 1,000, through a node of its
+/// own that does not purge them meanwhile (its first purge is minutes
+/// away), so that the purges of the test start on all of them.
+async fn send_in_batches(schema: &Schema, messages: impl Iterator<Item = Value>) {
+    let s = node_on(&schema.url()).await;
+    wait_ready(&s).await;
+    let all: Vec<Value> = messages.collect();
+    for batch in all.chunks(1000) {
+        let a = s.notify(json!({ "messages": batch })).await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    }
+}
+
+/// The messages stored in `schema` that match `filter` (a WHERE clause).
+async fn stored(schema: &Schema, filter: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM \"{}\".messages {filter}", schema.name);
+    sqlx::query_scalar(&sql)
+        .fetch_one(&schema.admin)
+        .await
+        .unwrap()
+}
+
+/// Wait until the purges have left `n` messages in `schema`.
+async fn until_stored(schema: &Schema, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = stored(schema, "").await;
+        if now == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{now} messages stored, not {n}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
