@@ -205,17 +205,6 @@ pub(super) const PURGED_BESIDE_MESSAGES: [Expiry; 4] = [
     },
 ];
 
-/// About how many rows of messages one slice of a purge goes through. Each
-/// slice is a transaction of its own: in the SQLite store a round of the
-/// writer's own, and the notifies that came meanwhile go in before the
-/// next. A purge in one piece held every notify up for as long as it took
-/// to read the whole table: 1.9–2.0 s with 2 million rows
-/// (`examples/bench_purge.rs`, docs/BENCHMARKS.md). In slices of 2,048
-/// the longest acknowledgement was 16–44 ms, and the purge took 2.4–3.1 s
-/// instead of about 2; slices of 1,024 made it 3 s, of 16,384 held
-/// notifies up to 54 ms. (The PostgreSQL store's slices are larger.)
-pub(super) const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
-
 /// What one slice of a purge did ([`purge_slice`]).
 #[derive(Debug, Default)]
 pub(super) struct PurgeSlice {
@@ -280,8 +269,8 @@ where
     }
     let from = from.unwrap_or_default();
     let from = from.as_str();
-    // The first mailbox of the next slice: the one `rows` rows
-    // on, or the one after `from` if `from` alone holds that many.
+    // The first mailbox of the next slice: the one `rows` rows on, or the
+    // one after `from` if `from` alone holds that many.
     let mut next: Option<String> = sqlx::query_scalar(
         "SELECT mailbox FROM messages WHERE mailbox >= $1 ORDER BY mailbox, seq LIMIT 1 OFFSET $2",
     )

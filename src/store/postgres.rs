@@ -83,7 +83,7 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// Rows a slice of a purge goes through, about, each slice a transaction
 /// of its own, so that a purge after a long stop or a lowered retention
 /// is not one huge transaction. Larger than the SQLite store's
-/// (`store::PURGE_SLICE_ROWS`, where the writes wait for each slice):
+/// (`PURGE_SLICE_ROWS` in `sqlite`, where the writes wait for each slice):
 /// here no write waits for a slice, and each slice costs a read of where
 /// the next begins. With 2 million rows and nothing to delete a purge
 /// took 1.7–2.2 s in slices of 16,384, 2.3–2.8 s in slices of 2,048, and

@@ -58,6 +58,16 @@ use tokio::time::Instant;
 const WRITE_QUEUE: usize = 4096;
 /// Writes committed together at most.
 const WRITES_PER_COMMIT: usize = 512;
+/// About how many rows of messages one slice of a purge goes through
+/// ([`super::purge_slice`]). Each slice is a round of the writer's own,
+/// and the notifies that came meanwhile go in before the next. A purge in
+/// one piece held every notify up for as long as it took to read the
+/// whole table: 1.9–2.0 s with 2 million rows (`examples/bench_purge.rs`,
+/// docs/BENCHMARKS.md). In slices of 2,048 the longest acknowledgement
+/// was 16–44 ms, and the purge took 2.4–3.1 s instead of about 2; slices
+/// of 1,024 made it 3 s, of 16,384 held notifies up to 54 ms.
+const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
+
 /// Pages in the write-ahead log that make a commit checkpoint it into the
 /// database file. A checkpoint syncs both files on the writer's thread,
 /// which holds up the rounds behind it, so this is only the fallback: the
@@ -196,7 +206,7 @@ enum WriteOp {
     },
     /// One slice of a purge: the mailboxes from `from` on (from the first
     /// when `None`, with everything else the purge deletes), as many as
-    /// about [`super::PURGE_SLICE_ROWS`] rows hold.
+    /// about [`PURGE_SLICE_ROWS`] rows hold.
     Purge {
         policy: RetentionPolicy,
         now_ms: i64,
@@ -1455,7 +1465,7 @@ async fn purge_slice(
         policy,
         now_ms,
         from,
-        super::PURGE_SLICE_ROWS,
+        PURGE_SLICE_ROWS,
         true,
     )
     .await?;
