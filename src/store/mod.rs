@@ -232,20 +232,29 @@ impl RowsAffected for sqlx::postgres::PgQueryResult {
     }
 }
 
+/// Where a store's purge deletes the messages older than the retention.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum PastTheAge {
+    /// In each slice, beside those past the cap: the SQLite store, whose
+    /// table has no index on their age.
+    InEachSlice,
+    /// Apart, through the index on their age: the PostgreSQL store.
+    Apart,
+}
+
 /// One slice of a purge, the same in both stores: in the mailboxes from
 /// `from` on, as many as about `rows` rows hold, delete the messages past
-/// the newest `max_messages_per_user` of their mailbox, and with `by_age`
-/// those older than the retention (a store with an index on their age
-/// deletes those through it instead); the first slice (`from` `None`)
-/// also deletes what [`PURGED_BESIDE_MESSAGES`] names. The caller makes
-/// each slice a transaction.
+/// the newest `max_messages_per_user` of their mailbox, and those older
+/// than the retention if `past_the_age` says so; the first slice (`from`
+/// `None`) also deletes what [`PURGED_BESIDE_MESSAGES`] names. The caller
+/// makes each slice a transaction.
 pub(super) async fn purge_slice<DB>(
     conn: &mut DB::Connection,
     policy: RetentionPolicy,
     now_ms: i64,
     from: Option<String>,
     rows: i64,
-    by_age: bool,
+    past_the_age: PastTheAge,
 ) -> Result<PurgeSlice, sqlx::Error>
 where
     DB: sqlx::Database,
@@ -306,9 +315,9 @@ where
         ),
         i64::from(policy.max_messages_per_user),
     );
-    let deletes = match by_age {
-        true => vec![expired, over_cap],
-        false => vec![over_cap],
+    let deletes = match past_the_age {
+        PastTheAge::InEachSlice => vec![expired, over_cap],
+        PastTheAge::Apart => vec![over_cap],
     };
     for (sql, bound) in deletes {
         let mut delete = sqlx::query_scalar::<DB, i64>(&sql).bind(from);

@@ -986,7 +986,7 @@ impl MessageStore for PgStore {
                 now_ms,
                 from.take(),
                 PURGE_SLICE_ROWS,
-                false,
+                super::PastTheAge::Apart,
             )
             .await?;
             tx.commit().await?;

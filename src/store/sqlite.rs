@@ -1466,7 +1466,7 @@ async fn purge_slice(
         now_ms,
         from,
         PURGE_SLICE_ROWS,
-        true,
+        super::PastTheAge::InEachSlice,
     )
     .await?;
     if slice.newest_deleted.is_some() {
