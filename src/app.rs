@@ -242,6 +242,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tasks.spawn(crate::retention::run(
         app.store.clone(),
         app.sessions.clone(),
+        app.metrics.clone(),
         app.config.retention,
         app.config.retention_every,
         shutdown.clone(),

@@ -7,6 +7,7 @@
 //! `other`, so a client cannot grow the scrape without end.
 
 use crate::ingest::Source;
+use crate::store::PurgeReport;
 use foldhash::HashMap;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -98,6 +99,33 @@ struct SourceLabel {
     source: SourceValue,
 }
 
+/// What a purge removes, by the parts of [`PurgeReport`].
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum PurgedValue {
+    messages,
+    dedup_keys,
+    positions,
+    revocations,
+    opaque_sessions,
+}
+
+impl PurgedValue {
+    /// In the order of [`Metrics::purged`]'s counts.
+    const ALL: [PurgedValue; 5] = [
+        PurgedValue::messages,
+        PurgedValue::dedup_keys,
+        PurgedValue::positions,
+        PurgedValue::revocations,
+        PurgedValue::opaque_sessions,
+    ];
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PurgedLabel {
+    what: PurgedValue,
+}
+
 pub struct Metrics {
     registry: Registry,
     polls_held: Gauge,
@@ -115,6 +143,10 @@ pub struct Metrics {
     pub delivered: Counter,
     pub answered_at_commit: Counter,
     pub store_errors: Counter,
+    purges: Counter,
+    purged: Family<PurgedLabel, Counter>,
+    /// Seconds; a gauge of f64, which prometheus_client keeps in an AtomicU64.
+    last_purge_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub delivery_latency: Histogram,
     /// The latest delivery latencies in ms, newest last.
     latency_window: Mutex<VecDeque<u32>>,
@@ -150,6 +182,9 @@ impl Metrics {
         let delivered = Counter::default();
         let answered_at_commit = Counter::default();
         let store_errors = Counter::default();
+        let purges = Counter::default();
+        let purged = Family::<PurgedLabel, Counter>::default();
+        let last_purge_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         // Seconds, from 1 ms to about 16 s.
         let delivery_latency = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
@@ -215,6 +250,21 @@ impl Metrics {
             store_errors.clone(),
         );
         registry.register(
+            "retention_purges",
+            "Retention purges run to their end",
+            purges.clone(),
+        );
+        registry.register(
+            "retention_purged",
+            "What the retention purges removed: messages, dedup keys, positions, revocations, opaque sessions",
+            purged.clone(),
+        );
+        registry.register(
+            "retention_last_purge_seconds",
+            "How long the last retention purge that ran to its end took",
+            last_purge_seconds.clone(),
+        );
+        registry.register(
             "delivery_latency_seconds",
             "From a message being accepted (or due, when delayed) to its poll answer",
             delivery_latency.clone(),
@@ -228,6 +278,9 @@ impl Metrics {
         }
         for scope in [LimitScope::session, LimitScope::address] {
             let _ = rate_limited.get_or_create(&ScopeLabel { scope });
+        }
+        for what in PurgedValue::ALL {
+            let _ = purged.get_or_create(&PurgedLabel { what });
         }
         Metrics {
             registry,
@@ -244,6 +297,9 @@ impl Metrics {
             delivered,
             answered_at_commit,
             store_errors,
+            purges,
+            purged,
+            last_purge_seconds,
             delivery_latency,
             latency_window: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
             started: std::time::Instant::now(),
@@ -363,6 +419,23 @@ impl Metrics {
             .get_or_create(&SourceLabel { source })
             .inc_by(accepted);
         self.duplicates.inc_by(duplicates);
+    }
+
+    /// A retention purge that ran to its end, removing `report`, in `took`.
+    pub fn purged(&self, report: &PurgeReport, took: std::time::Duration) {
+        let removed = [
+            report.messages,
+            report.dedup_keys,
+            report.positions,
+            report.revocations,
+            report.opaque_sessions,
+        ];
+        for (what, n) in PurgedValue::ALL.into_iter().zip(removed) {
+            self.purged.get_or_create(&PurgedLabel { what }).inc_by(n);
+        }
+        self.last_purge_seconds.set(took.as_secs_f64());
+        // Last: a scrape that sees this purge counted sees what it removed.
+        self.purges.inc();
     }
 
     pub fn answered(&self, outcome: Outcome) {

@@ -3,6 +3,7 @@
 //! dedup keys, positions, revocations and opaque sessions that have outlived
 //! it.
 
+use crate::metrics::Metrics;
 use crate::session::SessionValidator;
 use crate::shutdown::Shutdown;
 use crate::store::{RetentionPolicy, SharedStore};
@@ -12,6 +13,7 @@ use std::time::Duration;
 pub async fn run(
     store: SharedStore,
     sessions: Arc<SessionValidator>,
+    metrics: Arc<Metrics>,
     policy: RetentionPolicy,
     every: Duration,
     shutdown: Shutdown,
@@ -24,15 +26,19 @@ pub async fn run(
         let now = crate::clock::now_ms();
         let began = std::time::Instant::now();
         match store.purge(policy, now).await {
-            Ok(r) => tracing::debug!(
-                took_ms = began.elapsed().as_millis() as u64,
-                messages = r.messages,
-                dedup_keys = r.dedup_keys,
-                positions = r.positions,
-                revocations = r.revocations,
-                opaque_sessions = r.opaque_sessions,
-                "retention purge"
-            ),
+            Ok(r) => {
+                let took = began.elapsed();
+                metrics.purged(&r, took);
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    messages = r.messages,
+                    dedup_keys = r.dedup_keys,
+                    positions = r.positions,
+                    revocations = r.revocations,
+                    opaque_sessions = r.opaque_sessions,
+                    "retention purge"
+                );
+            }
             Err(e) => tracing::warn!(error = %e, "retention purge failed"),
         }
         sessions.forget_expired(now);

@@ -314,6 +314,31 @@ async fn retention_keeps_the_newest_messages_per_user() {
     );
 }
 
+/// What the purges removed, and how long the last took, in `/metrics`.
+#[tokio::test]
+async fn retention_purges_are_counted_in_the_metrics() {
+    let s = Server::start_with(&[
+        ("PNS_RETENTION_MAX_AGE_SECS", "1"),
+        ("PNS_RETENTION_INTERVAL_SECS", "1"),
+    ]);
+    let purged = |what: &str| format!("pns_retention_purged_total{{what=\"{what}\"}}");
+    assert_eq!(metric(&s, &purged("messages")).await, 0.0);
+    let mut keyed = mail("alice@example.com", "keyed");
+    keyed["dedupKey"] = "k1".into();
+    assert_eq!(s.notify(keyed).await.body["accepted"], 1);
+    s.mail("alice@example.com", "plain").await;
+    s.mail("bob@example.com", "plain").await;
+    metric_becomes(&s, &purged("messages"), 3.0).await;
+    metric_becomes(&s, &purged("dedup_keys"), 1.0).await;
+    let text = metrics(&s).await;
+    assert!(
+        sample(&text, "pns_retention_purges_total").unwrap() >= 1.0,
+        "{text}"
+    );
+    let took = sample(&text, "pns_retention_last_purge_seconds").unwrap();
+    assert!(took > 0.0 && took < 10.0, "{text}");
+}
+
 #[tokio::test]
 async fn retention_forgets_dedup_keys_past_the_maximum_age() {
     let s = Server::start_with(&[

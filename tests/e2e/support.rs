@@ -504,6 +504,29 @@ pub async fn internal_post_raw(
     stream
 }
 
+/// What the node's first retention purge removed, as `pns_retention_purged_total`
+/// of `what` (`messages`, `dedup_keys`, …) reads in the first scrape that
+/// counts a purge, and the purges that scrape counts (scraped every 50 ms,
+/// so 1 unless the purges come faster).
+pub async fn first_purge(s: &Server, what: &str) -> (f64, f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = metrics(s).await;
+        let purges = sample(&text, "pns_retention_purges_total").unwrap_or(0.0);
+        if purges >= 1.0 {
+            let series = format!("pns_retention_purged_total{{what=\"{what}\"}}");
+            let removed =
+                sample(&text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+            return (purges, removed);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no purge ran to its end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Wait until `series` reads `want`.
 pub async fn metric_becomes(s: &Server, series: &str, want: f64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
