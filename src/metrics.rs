@@ -251,7 +251,7 @@ impl Metrics {
         );
         registry.register(
             "retention_purges",
-            "Retention purges run to their end",
+            "Retention purges that ended without an error",
             purges.clone(),
         );
         registry.register(
@@ -261,7 +261,7 @@ impl Metrics {
         );
         registry.register(
             "retention_last_purge_seconds",
-            "How long the last retention purge that ran to its end took",
+            "How long the last retention purge that ended without an error took",
             last_purge_seconds.clone(),
         );
         registry.register(
@@ -421,7 +421,8 @@ impl Metrics {
         self.duplicates.inc_by(duplicates);
     }
 
-    /// A retention purge that ran to its end, removing `report`, in `took`.
+    /// A retention purge that ended without an error, having removed
+    /// `report`, in `took`.
     pub fn purged(&self, report: &PurgeReport, took: std::time::Duration) {
         let removed = [
             report.messages,

@@ -521,7 +521,7 @@ pub async fn first_purge(s: &Server, what: &str) -> (f64, f64) {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no purge ran to its end"
+            "no purge ended"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
