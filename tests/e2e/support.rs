@@ -519,10 +519,7 @@ pub async fn first_purge(s: &Server, what: &str) -> (f64, f64) {
                 sample(&text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
             return (purges, removed);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no purge ended"
-        );
+        assert!(std::time::Instant::now() < deadline, "no purge ended");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
