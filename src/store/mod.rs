@@ -299,11 +299,14 @@ where
         Some(_) => ("mailbox >= $1 AND mailbox < $2", "$3"),
         None => ("mailbox >= $1", "$2"),
     };
-    let expired = (
-        format!("DELETE FROM messages WHERE {in_slice} AND visible_ms < {bound} RETURNING seq"),
-        OlderThan::Retention.ms(policy, now_ms),
-    );
-    let over_cap = (
+    let mut deletes = Vec::with_capacity(2);
+    if past_the_age == PastTheAge::InEachSlice {
+        deletes.push((
+            format!("DELETE FROM messages WHERE {in_slice} AND visible_ms < {bound} RETURNING seq"),
+            OlderThan::Retention.ms(policy, now_ms),
+        ));
+    }
+    deletes.push((
         format!(
             "DELETE FROM messages WHERE (mailbox, seq) IN (
                 SELECT mailbox, seq FROM (
@@ -314,11 +317,7 @@ where
             ) RETURNING seq"
         ),
         i64::from(policy.max_messages_per_user),
-    );
-    let deletes = match past_the_age {
-        PastTheAge::InEachSlice => vec![expired, over_cap],
-        PastTheAge::Apart => vec![over_cap],
-    };
+    ));
     for (sql, bound) in deletes {
         let mut delete = sqlx::query_scalar::<DB, i64>(&sql).bind(from);
         if let Some(next) = next.as_deref() {
