@@ -7,9 +7,9 @@
 //! (the release build by default) on it with a purge every
 //! `--purge-every` seconds, and sends notifies at `--rate` a second over one
 //! connection for `--secs` seconds, each once the last is acknowledged.
-//! Prints how long the acknowledgements took (p50, p99, longest) and how
-//! many purges ran meanwhile: a purge that holds the writer shows as the
-//! longest.
+//! Prints how long pns took to start on the full store (to listen), how
+//! long the acknowledgements took (p50, p99, longest) and how many purges
+//! ran meanwhile: a purge that holds the writer shows as the longest.
 //!
 //! ```text
 //! cargo build --release --bin pns --example bench_purge
@@ -125,7 +125,9 @@ async fn main() {
     let t0 = Instant::now();
     fill(&a, &data).await;
     let filled = t0.elapsed();
+    let starting = Instant::now();
     let (pns, purges) = start(&a, &data);
+    let started = starting.elapsed();
     let token = std::fs::read_to_string(data.join("internal_token")).unwrap();
     let http = reqwest::Client::new();
     let url = format!("http://{}/internal/v1/notify", pns.address("internal"));
@@ -159,10 +161,11 @@ async fn main() {
     let at = |q: f64| acks[((acks.len() as f64 * q).ceil() as usize).clamp(1, acks.len()) - 1];
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "rows: {}  mailboxes: {}  filled in: {:.1} s  notifies: {}  purges: {}  ack p50/p99/max: {:.2}/{:.2}/{:.1} ms",
+        "rows: {}  mailboxes: {}  filled in: {:.1} s  started in: {:.2} s  notifies: {}  purges: {}  ack p50/p99/max: {:.2}/{:.2}/{:.1} ms",
         a.rows,
         a.mailboxes,
         filled.as_secs_f64(),
+        started.as_secs_f64(),
         acks.len(),
         ran,
         ms(at(0.50)),
