@@ -286,9 +286,10 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await?;
-        // One pass over the messages for all three: each aggregate reads the
-        // whole table (its key is the mailbox's), about 0.12 s for a million
-        // rows, and a count of its own had read it twice.
+        // One pass over the messages gives the top seq, the newest time and
+        // the count: each of these reads the whole table (its key begins
+        // with the mailbox), about 0.12 s a million rows, and a count of its
+        // own read it a second time.
         let (top_seq, top_visible_ms, visible, floor, delayed): (i64, i64, i64, i64, i64) =
             sqlx::query_as(
                 "SELECT coalesce(max(seq), 0), coalesce(max(visible_ms), 0), count(*),
