@@ -97,6 +97,13 @@ pub struct BenchArgs {
     /// Which users the batch phase's messages go to, one after another.
     #[arg(long, value_enum, default_value_t = BatchOrder::Scattered)]
     pub batch_order: BatchOrder,
+    /// Before the rounds, hold every user's poll on the first target once,
+    /// measuring nothing. The first ramp of a run met a machine that had not
+    /// held the sockets of 19,000 polls lately: in runs 114–117 it was the
+    /// slowest of its target's five each time (docs/BENCHMARKS.md, "The
+    /// commands"), and it was always PNS's.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub warm_up: bool,
     /// Seconds over which the idle CPU of the server is measured.
     #[arg(long, default_value_t = 5)]
     pub idle_secs: u64,
@@ -157,6 +164,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     }
     if let Some(path) = &args.deliveries {
         start_deliveries(path)?;
+    }
+    if let Some(&first) = kinds.first().filter(|_| args.warm_up) {
+        warm_up(first, &args).await?;
     }
     let mut targets = Vec::new();
     for round in 1..=args.rounds {
@@ -252,9 +262,10 @@ impl Sent {
     }
 }
 
-async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Result<TargetReport> {
-    let name = kind.name();
-    let scratch = servers::scratch_dir(args.scratch.as_deref(), name);
+/// Start the server of `kind`, with its data in the scratch directory it
+/// returns.
+async fn start(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<(Server, PathBuf)> {
+    let scratch = servers::scratch_dir(args.scratch.as_deref(), kind.name());
     let root = crate::repo_root();
     let server = match kind {
         TargetKind::Pns => {
@@ -272,6 +283,34 @@ async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Resu
             servers::start_nchan(&args.nginx_bin, &conf, &args.nchan_module, &scratch).await?
         }
     };
+    Ok((server, scratch))
+}
+
+/// Hold every user's poll on `kind` once, then stop ([`BenchArgs::warm_up`]).
+async fn warm_up(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<()> {
+    let name = kind.name();
+    eprintln!(
+        "pns-load: warming up: {} held polls on {name}, not measured",
+        args.users
+    );
+    let (server, scratch) = start(kind, args).await?;
+    let held = async {
+        let (ingest, mut control, mut workers) = attach(kind, &server, args).await?;
+        workers.tell(&Cmd::Hold).await?;
+        let limit = Duration::from_secs(args.phase_limit_secs);
+        until_all_held(&ingest, &mut control, args.users, limit, RAMP_LOOK_EVERY).await?;
+        workers.quit().await;
+        anyhow::Ok(())
+    }
+    .await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    held.with_context(|| format!("warming up {name}"))
+}
+
+async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Result<TargetReport> {
+    let name = kind.name();
+    let (server, scratch) = start(kind, args).await?;
     let result = measure_server(kind, round, &server, args).await;
     let log = server.stop().await;
     let _ = std::fs::remove_dir_all(&scratch);
@@ -298,17 +337,10 @@ async fn measure_server(
 ) -> anyhow::Result<TargetReport> {
     let name = kind.name();
     let n = args.users;
-    let ingest = Arc::new(match kind {
-        TargetKind::Pns => Ingest::Pns(pns::Internal::new(&server.token)),
-        TargetKind::Nchan => Ingest::Nchan,
-    });
-    let octet = kind.source_octet() + 5;
-    let mut control = Conn::open(source_addr(octet, 999), server.ingest).await?;
-    let worker_count = args
-        .workers
-        .unwrap_or_else(|| n.div_ceil(POLLS_PER_WORKER))
-        .max(1);
-    let mut workers = Workers::spawn(kind, server, n, worker_count).await?;
+    let (ingest, mut control, mut workers) = attach(kind, server, args).await?;
+    let ingest = Arc::new(ingest);
+    let octet = sender_octet(kind);
+    let worker_count = workers.procs.len() as u32;
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pids = server.pids();
@@ -640,6 +672,31 @@ async fn held_again(
 /// 0.1 ms, under 2 % of the ramp's server CPU at this pace; at 50 ms the
 /// rounds of one server spread over whole steps of it.
 const RAMP_LOOK_EVERY: Duration = Duration::from_millis(10);
+
+/// The source octet of the tool's own connections to `kind`'s ingest side.
+fn sender_octet(kind: TargetKind) -> u8 {
+    kind.source_octet() + 5
+}
+
+/// What talks to `server`: how notifies go in, a connection that asks how
+/// many polls it holds, and the workers that will hold them, ready.
+async fn attach(
+    kind: TargetKind,
+    server: &Server,
+    args: &BenchArgs,
+) -> anyhow::Result<(Ingest, Conn, Workers)> {
+    let ingest = match kind {
+        TargetKind::Pns => Ingest::Pns(pns::Internal::new(&server.token)),
+        TargetKind::Nchan => Ingest::Nchan,
+    };
+    let control = Conn::open(source_addr(sender_octet(kind), 999), server.ingest).await?;
+    let worker_count = args
+        .workers
+        .unwrap_or_else(|| args.users.div_ceil(POLLS_PER_WORKER))
+        .max(1);
+    let workers = Workers::spawn(kind, server, args.users, worker_count).await?;
+    Ok((ingest, control, workers))
+}
 
 /// Ask the server every `every` how many polls it holds, until all `n` or
 /// `limit`: the last count, and the seconds until all were held.
