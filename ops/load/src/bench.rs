@@ -1,6 +1,8 @@
 //! The driver: for each target in turn, start the server, measure it idle,
 //! have the workers ramp up one held poll per user, measure it holding them,
-//! then run the notify phases and tally what arrived.
+//! then run the notify phases and tally what arrived. Before the first
+//! round the first target's polls are held once, unmeasured
+//! ([`BenchArgs::warm_up`]).
 //!
 //! The phases, each waiting until its messages arrived and the server
 //! holds every poll again before the next:
