@@ -7,9 +7,10 @@
 //! marks its task ([`Connection::answer`]): in a loop when the connection's
 //! previous answer was ready less than [`LOOP_GAP`] before the request
 //! came. The SQLite store reads the mark ([`in_a_loop`]) for its log's
-//! sync, which waits for more notifies to share it: not long while only
-//! such senders wait, since none of them sends again before its answer,
-//! longer while a sender not in a loop does (`store::wal_sync`).
+//! sync, which waits for more notifies to share it only while a sender
+//! not in a loop waits: none of these senders sends again before its
+//! answer, so their notifies are synced as soon as the log's thread is
+//! free (`store::wal_sync`).
 //!
 //! A task-local, not an argument: the mark is about the connection, and it
 //! reaches the store through the ingest path and the store trait, which
@@ -21,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The longest pause between an answer and the same connection's next
-/// request that still counts as a loop. As long as the log's short window:
+/// request that still counts as a loop. As long as the log's quiet spell:
 /// a sender slower than that finds the last sync a quiet spell ago, and
 /// its notify is synced at once anyway (`store::wal_sync`).
 pub const LOOP_GAP: Duration = Duration::from_millis(4);

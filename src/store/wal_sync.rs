@@ -22,18 +22,22 @@
 //! (so an idle node sleeps).
 //!
 //! A first round that comes after a quiet spell (no sync for
-//! [`LOOP_WINDOW`]) is synced at once: nothing suggests company is coming,
-//! and a delivery agent that sends a notify now and then (Dovecot sends
-//! one per recipient and waits for each answer) would otherwise wait the
-//! whole window each time. Rounds that come more often than that find a
-//! recent sync and wait for the window, so the syncs a second do not grow.
+//! [`QUIET_SPELL`]) is synced at once: nothing suggests company is coming,
+//! and a delivery agent that sends a notify now and then would otherwise
+//! wait the whole window each time. Rounds that come more often than that
+//! find a recent sync and wait for the window ([`SYNC_DELAY`]), so the
+//! syncs a second do not grow: notifies from senders that do not wait on
+//! each other lose nothing by waiting but time, and each sync serves more
+//! of them.
 //!
-//! How long the window is depends on who waits. A sender in a loop
-//! ([`crate::closed_loop`]: the agent sending several back to back) sends
-//! nothing until its answer comes, so its window is short
-//! ([`LOOP_WINDOW`]). Notifies from senders that do not wait on each other
-//! lose nothing by waiting but time, so while one of them waits the window
-//! is longer ([`SYNC_DELAY`]) and each sync serves more of them.
+//! Rounds whose every caller is a sender in a loop ([`crate::closed_loop`]:
+//! an agent sending notifies back to back, as Dovecot does, one per
+//! recipient, waiting for each answer) have no window: they are synced as
+//! soon as the thread is free, and those that come during a sync share the
+//! next. Such senders send nothing until their answers come, so company
+//! comes only once they are answered: with a window, or a count of
+//! messages to wait for, each notify waited for the others of its wave
+//! (docs/benchmarks/NOTES.md, ⁴⁶).
 //!
 //! The answers are run by a task on the writer's thread ([`Answering`]):
 //! the callers waiting for them are tasks there, and waking many tasks of
@@ -101,19 +105,16 @@ impl Waiters {
 /// serves several: at 1,000 a second, 10 ms took 12 % off the server's CPU
 /// per notify against 4 ms (`docs/BENCHMARKS.md`).
 const SYNC_DELAY: Duration = Duration::from_millis(10);
-/// The window while every sender waiting is in a loop, and the quiet spell
-/// after which a first round is synced at once. Such a sender sends
-/// nothing until its answer comes, so each millisecond its sync waits is
-/// one it does not send in: 64 senders in loops went 6 % slower with 10 ms.
-const LOOP_WINDOW: Duration = Duration::from_millis(4);
-/// How long a sync waits for company: [`SYNC_DELAY`] and [`LOOP_WINDOW`]
+/// No sync for this long makes the next first round sync at once; after a
+/// sync that served several rounds, the thread waits this long on its own
+/// timer for the next round before it waits for a wake.
+const QUIET_SPELL: Duration = Duration::from_millis(4);
+/// How long a sync waits for company: [`SYNC_DELAY`] and [`QUIET_SPELL`]
 /// (tests give their own).
 #[derive(Clone, Copy)]
 struct Windows {
     /// While a sender not in a loop waits.
     others: Duration,
-    /// While every sender waiting is in a loop.
-    loops: Duration,
     /// No sync for this long makes the next first round sync at once.
     quiet: Duration,
 }
@@ -122,8 +123,7 @@ impl Default for Windows {
     fn default() -> Self {
         Windows {
             others: SYNC_DELAY,
-            loops: LOOP_WINDOW,
-            quiet: LOOP_WINDOW,
+            quiet: QUIET_SPELL,
         }
     }
 }
@@ -211,7 +211,7 @@ impl WalSync {
         pending.rounds.push(round);
         let wake = match pending.thread {
             Thread::WaitsForARound => true,
-            Thread::Gathers => pending.waiting >= SYNC_AT_ONCE,
+            Thread::Gathers => pending.waiting >= SYNC_AT_ONCE || pending.only_loops_wait(),
             Thread::Busy => false,
         };
         if wake {
@@ -268,12 +268,21 @@ struct Pending {
 }
 
 impl Pending {
+    /// Whether someone waits for the rounds, and each a sender in a loop.
+    fn only_loops_wait(&self) -> bool {
+        !self.outside_loops && self.waiting > 0
+    }
+
     /// How long the sync may wait for company: `windows.others` while a
-    /// sender not in a loop waits for it, else `windows.loops`.
-    fn window(&self, windows: Windows) -> Duration {
-        match self.outside_loops {
-            true => windows.others,
-            false => windows.loops,
+    /// sender not in a loop waits for it; not at all while only senders in
+    /// loops do; else (no one waits yet) `windows.quiet`.
+    fn window(&self, windows: Windows) -> Option<Duration> {
+        if self.outside_loops {
+            Some(windows.others)
+        } else if self.waiting > 0 {
+            None
+        } else {
+            Some(windows.quiet)
         }
     }
 }
@@ -285,7 +294,8 @@ enum Thread {
     Busy,
     /// Waiting for a first round.
     WaitsForARound,
-    /// Waiting for the window to pass or [`SYNC_AT_ONCE`] messages.
+    /// Waiting for the window to pass, [`SYNC_AT_ONCE`] messages, or a
+    /// sender in a loop.
     Gathers,
 }
 
@@ -400,8 +410,8 @@ fn run(
 }
 
 /// The rounds of the next sync: every round handed over until the window
-/// (of `windows`, by who waits) has passed since it started, or until
-/// [`SYNC_AT_ONCE`] messages wait. The window starts at `cadence` when
+/// (of `windows`, by who waits; none for senders in loops only) has passed
+/// since it started, or until [`SYNC_AT_ONCE`] messages wait. The window starts at `cadence` when
 /// given (none of the rounds in it wakes the thread; empty if none came),
 /// else at the first round, which the thread waits for; and a first round
 /// that came a quiet spell or more after the last sync (`last_synced`) has
@@ -433,7 +443,10 @@ fn gather(
         }
     };
     while pending.waiting < SYNC_AT_ONCE && !pending.closed {
-        let Some(left) = pending.window(windows).checked_sub(since.elapsed()) else {
+        let Some(left) = pending
+            .window(windows)
+            .and_then(|window| window.checked_sub(since.elapsed()))
+        else {
             break;
         };
         pending.thread = Thread::Gathers;
@@ -586,7 +599,6 @@ mod tests {
         let hour = Duration::from_secs(3600);
         let (_dir, sync) = started_with_windows(Windows {
             others: hour,
-            loops: hour,
             quiet: hour,
         });
         let hand_over = |slot| {
@@ -614,23 +626,20 @@ mod tests {
         assert_eq!(close_behind.await.unwrap(), Ok(()));
     }
 
-    /// A round whose senders are in loops waits the short window (10 ms
-    /// here), not the long one (an hour); once a sender not in a loop waits
-    /// beside it, the window is the whole hour again.
+    /// A round whose senders are in loops is synced as soon as the thread
+    /// is free, whether the thread waits for a round or gathers others on
+    /// its own timer after a sync of several rounds; once a sender not in a
+    /// loop waits beside it, it waits the window (here an hour, which only
+    /// the store's end cuts short).
     #[tokio::test]
-    async fn senders_in_loops_wait_the_short_window() {
+    async fn senders_in_loops_do_not_wait_for_company() {
         let hour = Duration::from_secs(3600);
         let (_dir, sync) = started_with_windows(Windows {
             others: hour,
-            loops: Duration::from_millis(10),
             quiet: hour,
         });
-        let hand_over = |slot, in_loops| {
+        let hand_over = |slot, waiters| {
             let (answered, answer) = tokio::sync::oneshot::channel();
-            let waiters = Waiters {
-                messages: 1,
-                in_loops,
-            };
             sync.after_sync(
                 slot,
                 waiters,
@@ -638,20 +647,41 @@ mod tests {
             );
             answer
         };
-        let lone = hand_over(sync.slot().await, false);
+        let in_a_loop = Waiters {
+            messages: 1,
+            in_loops: true,
+        };
+        let within = |answer| tokio::time::timeout(Duration::from_secs(60), answer);
+
+        let lone = hand_over(sync.slot().await, ONE);
         assert_eq!(lone.await.unwrap(), Ok(()), "quiet: synced at once");
 
-        let in_a_loop = hand_over(sync.slot().await, true);
-        let synced = tokio::time::timeout(Duration::from_secs(60), in_a_loop).await;
-        assert_eq!(synced.expect("a sender in a loop waited").unwrap(), Ok(()));
+        // The thread waits for a round; the last sync was no quiet spell ago.
+        let looping = hand_over(sync.slot().await, in_a_loop);
+        let synced = within(looping).await.expect("a sender in a loop waited");
+        assert_eq!(synced.unwrap(), Ok(()));
 
-        let mut looping = hand_over(sync.slot().await, true);
-        let not_looping = hand_over(sync.slot().await, false);
-        let early = tokio::time::timeout(Duration::from_millis(200), &mut looping).await;
+        // A sync of several rounds (the second starts it at once) puts the
+        // thread on its own timer, gathering for the next.
+        let first = hand_over(sync.slot().await, ONE);
+        let second = hand_over(sync.slot().await, NOW);
+        assert_eq!(first.await.unwrap(), Ok(()));
+        assert_eq!(second.await.unwrap(), Ok(()));
+        let looping = hand_over(sync.slot().await, in_a_loop);
+        let synced = within(looping).await.expect("a sender in a loop waited");
+        assert_eq!(synced.unwrap(), Ok(()));
+
+        let looping = hand_over(sync.slot().await, in_a_loop);
+        let not_looping = hand_over(sync.slot().await, ONE);
+        // The first of these may be synced before the second comes; a
+        // round after them waits with the sender not in a loop.
+        let mut behind = hand_over(sync.slot().await, in_a_loop);
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut behind).await;
         assert!(early.is_err(), "a sender not in a loop waits: so do all");
         drop(sync);
         assert_eq!(looping.await.unwrap(), Ok(()));
         assert_eq!(not_looping.await.unwrap(), Ok(()));
+        assert_eq!(behind.await.unwrap(), Ok(()));
     }
 
     #[tokio::test]
