@@ -12,8 +12,9 @@
 //! with every round before it.
 //!
 //! A round handed over wakes this thread only when it must: when the
-//! thread waits for a first round, and when the messages waiting reach
-//! [`SYNC_AT_ONCE`]. The rounds in between join the sync without a wake;
+//! thread waits for a first round, when the messages waiting reach
+//! [`SYNC_AT_ONCE`], and when only senders in loops wait (below). The
+//! rounds in between join the sync without a wake;
 //! at 1,000 lone notifies a second each wake had cost both threads a
 //! context switch. And while rounds keep coming the thread does not wait
 //! for a first round at all: after a sync that served several rounds the
@@ -410,12 +411,13 @@ fn run(
 }
 
 /// The rounds of the next sync: every round handed over until the window
-/// (of `windows`, by who waits; none for senders in loops only) has passed
-/// since it started, or until [`SYNC_AT_ONCE`] messages wait. The window starts at `cadence` when
-/// given (none of the rounds in it wakes the thread; empty if none came),
-/// else at the first round, which the thread waits for; and a first round
-/// that came a quiet spell or more after the last sync (`last_synced`) has
-/// no window. `None` once the store is gone and every round is synced.
+/// (of `windows`, by who waits; none while only senders in loops do) has
+/// passed since it started, or until [`SYNC_AT_ONCE`] messages wait. The
+/// window starts at `cadence` when given (a round wakes the thread in it
+/// only as [`WalSync::after_sync`] says; empty if none came), else at the
+/// first round, which the thread waits for; and a first round that came a
+/// quiet spell or more after the last sync (`last_synced`) has no window.
+/// `None` once the store is gone and every round is synced.
 fn gather(
     handover: &Handover,
     windows: Windows,
