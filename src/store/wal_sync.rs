@@ -274,14 +274,14 @@ impl Pending {
         !self.outside_loops && self.waiting > 0
     }
 
-    /// How long the sync may wait for company: `windows.others` while a
-    /// sender not in a loop waits for it; not at all while only senders in
-    /// loops do; else (no one waits yet) `windows.quiet`.
+    /// How long the sync may wait for company: not at all while only
+    /// senders in loops wait for it; `windows.others` while a sender not in
+    /// a loop does; else (no one waits yet) `windows.quiet`.
     fn window(&self, windows: Windows) -> Option<Duration> {
-        if self.outside_loops {
-            Some(windows.others)
-        } else if self.waiting > 0 {
+        if self.only_loops_wait() {
             None
+        } else if self.outside_loops {
+            Some(windows.others)
         } else {
             Some(windows.quiet)
         }
