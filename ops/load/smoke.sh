@@ -44,3 +44,30 @@ log = pns["server_log"]
 assert log["lines"] == 0, f"PNS logged {log['lines']} warning or error line(s), the first: {log['first']}"
 print("PNS's log: no warning or error")
 CHECK
+
+# A round that fails (here an nginx that never starts, as nginx did when
+# its workers died by the hundred in run 128 of docs/BENCHMARKS.md) is
+# reported with its error, and the run goes on with the other rounds.
+fake_nginx="target/load/nginx-that-never-starts"
+printf '#!/bin/sh\necho "nginx: [emerg] a stand-in that never starts" >&2\nexit 1\n' > "$fake_nginx"
+chmod +x "$fake_nginx"
+timeout 120 "target/$profile/pns-load" bench \
+    --pns-bin "target/$profile/pns" \
+    --nginx-bin "$PWD/$fake_nginx" --nchan-module "$PWD/$fake_nginx" \
+    --must-pass pns --warm-up false \
+    --rounds 2 --users 100 --workers 1 --senders 8 \
+    --rate 100 --rate-secs 1 \
+    --batch 50 --batch-total 200 \
+    --idle-secs 1 --settle-secs 1 --phase-limit-secs 30 \
+    --out target/load/smoke-failed-rounds.json
+
+python3 - <<'CHECK'
+import json
+report = json.load(open("target/load/smoke-failed-rounds.json"))
+measured = [(t["target"], t["round"]) for t in report["targets"]]
+assert measured == [("pns", 1), ("pns", 2)], measured
+failed = [(f["target"], f["round"]) for f in report["failed"]]
+assert failed == [("nchan", 1), ("nchan", 2)], failed
+assert all("nginx exited at start" in f["error"] for f in report["failed"]), report["failed"]
+print("failed rounds: each reported with its error, and PNS's rounds measured around them")
+CHECK

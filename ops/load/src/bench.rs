@@ -171,24 +171,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         warm_up(first, &args).await?;
     }
     let mut targets = Vec::new();
+    let mut failed = Vec::new();
     for round in 1..=args.rounds {
         if args.rounds > 1 {
             eprintln!("pns-load: round {round} of {}", args.rounds);
         }
         for &kind in &kinds {
-            targets.push(measure(kind, round, &args).await?);
+            match measure(kind, round, &args).await {
+                Ok(report) => targets.push(report),
+                Err(failure) => {
+                    eprintln!(
+                        "pns-load: {}: round {round} failed, the run goes on: {}",
+                        failure.target, failure.error
+                    );
+                    failed.push(failure);
+                }
+            }
         }
     }
-    let run = report::Run::new(&args, targets, notes);
+    let run = report::Run::new(&args, targets, failed, notes);
     report::write_json(&args.out, &run)?;
     println!("{}", report::summary_line(&run));
     eprintln!("pns-load: report written to {}", args.out.display());
-    let judged = |t: &&TargetReport| {
+    Ok(run.passed(|target| {
         args.must_pass
             .as_ref()
-            .is_none_or(|kinds| kinds.iter().any(|k| k.name() == t.target))
-    };
-    Ok(run.targets.iter().filter(judged).all(TargetReport::passed))
+            .is_none_or(|kinds| kinds.iter().any(|k| k.name() == target))
+    }))
 }
 
 fn nchan_installed(args: &BenchArgs) -> bool {
@@ -269,23 +278,29 @@ impl Sent {
 async fn start(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<(Server, PathBuf)> {
     let scratch = servers::scratch_dir(args.scratch.as_deref(), kind.name());
     let root = crate::repo_root();
-    let server = match kind {
+    let started = match kind {
         TargetKind::Pns => {
             let bin = args
                 .pns_bin
                 .clone()
                 .unwrap_or_else(|| root.join("target/release/pns"));
-            servers::start_pns(&bin, &scratch)?
+            servers::start_pns(&bin, &scratch)
         }
         TargetKind::Nchan => {
             let conf = args
                 .nchan_conf
                 .clone()
                 .unwrap_or_else(|| root.join("ops/nchan/nginx.conf"));
-            servers::start_nchan(&args.nginx_bin, &conf, &args.nchan_module, &scratch).await?
+            servers::start_nchan(&args.nginx_bin, &conf, &args.nchan_module, &scratch).await
         }
     };
-    Ok((server, scratch))
+    match started {
+        Ok(server) => Ok((server, scratch)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            Err(e)
+        }
+    }
 }
 
 /// Hold every user's poll on `kind` once, then stop ([`BenchArgs::warm_up`]).
@@ -310,9 +325,24 @@ async fn warm_up(kind: TargetKind, args: &BenchArgs) -> anyhow::Result<()> {
     held.with_context(|| format!("warming up {name}"))
 }
 
-async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Result<TargetReport> {
+/// One round of `kind`; a measurement that ended in an error comes back as
+/// that round's failure, with what the server logged.
+async fn measure(
+    kind: TargetKind,
+    round: u32,
+    args: &BenchArgs,
+) -> Result<TargetReport, report::FailedRound> {
     let name = kind.name();
-    let (server, scratch) = start(kind, args).await?;
+    let failed = |e: anyhow::Error, server_log| report::FailedRound {
+        target: name,
+        round,
+        error: format!("{:#}", e.context(format!("measuring {name}"))),
+        server_log,
+    };
+    let (server, scratch) = match start(kind, args).await {
+        Ok(started) => started,
+        Err(e) => return Err(failed(e, Default::default())),
+    };
     let result = measure_server(kind, round, &server, args).await;
     let log = server.stop().await;
     let _ = std::fs::remove_dir_all(&scratch);
@@ -326,9 +356,13 @@ async fn measure(kind: TargetKind, round: u32, args: &BenchArgs) -> anyhow::Resu
             log.lines
         );
     }
-    let mut report = result.with_context(|| format!("measuring {name}"))?;
-    report.server_log = log;
-    Ok(report)
+    match result {
+        Ok(mut report) => {
+            report.server_log = log;
+            Ok(report)
+        }
+        Err(e) => Err(failed(e, log)),
+    }
 }
 
 async fn measure_server(

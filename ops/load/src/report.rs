@@ -154,11 +154,30 @@ pub struct Run {
     /// Every measurement, in the order taken (round by round).
     pub targets: Vec<TargetReport>,
     pub comparison: Vec<Comparison>,
+    /// Measurements that ended in an error: the run goes on without them,
+    /// so that a reference server's crash in one round (nginx's workers
+    /// dying by the hundred, run 128 of docs/BENCHMARKS.md) costs that
+    /// round, not the run.
+    pub failed: Vec<FailedRound>,
     pub notes: Vec<String>,
 }
 
+/// A round of a target whose measurement ended in an error.
+#[derive(Debug, Serialize)]
+pub struct FailedRound {
+    pub target: &'static str,
+    pub round: u32,
+    pub error: String,
+    pub server_log: crate::servers::ServerLog,
+}
+
 impl Run {
-    pub fn new(args: &BenchArgs, targets: Vec<TargetReport>, notes: Vec<String>) -> Run {
+    pub fn new(
+        args: &BenchArgs,
+        targets: Vec<TargetReport>,
+        failed: Vec<FailedRound>,
+        notes: Vec<String>,
+    ) -> Run {
         let comparison = compare(&targets);
         Run {
             unix_time: std::time::SystemTime::now()
@@ -180,8 +199,19 @@ impl Run {
             },
             targets,
             comparison,
+            failed,
             notes,
         }
+    }
+
+    /// Whether every round of the targets `judged` passes was measured and
+    /// passed.
+    pub fn passed(&self, judged: impl Fn(&str) -> bool) -> bool {
+        self.targets
+            .iter()
+            .filter(|t| judged(t.target))
+            .all(TargetReport::passed)
+            && !self.failed.iter().any(|f| judged(f.target))
     }
 }
 
@@ -330,9 +360,10 @@ pub fn write_json(path: &Path, run: &Run) -> anyhow::Result<()> {
 /// round was.
 pub fn summary_line(run: &Run) -> String {
     let mut kinds: Vec<&'static str> = Vec::new();
-    for t in &run.targets {
-        if !kinds.contains(&t.target) {
-            kinds.push(t.target);
+    let measured = run.targets.iter().map(|t| t.target);
+    for target in measured.chain(run.failed.iter().map(|f| f.target)) {
+        if !kinds.contains(&target) {
+            kinds.push(target);
         }
     }
     let parts: Vec<String> = kinds
@@ -340,14 +371,28 @@ pub fn summary_line(run: &Run) -> String {
         .map(|target| {
             let runs: Vec<&TargetReport> =
                 run.targets.iter().filter(|t| t.target == target).collect();
+            let failed: Vec<&FailedRound> =
+                run.failed.iter().filter(|f| f.target == target).collect();
+            let failures = match failed.first() {
+                None => String::new(),
+                Some(first) => format!(
+                    ", {} round(s) failed (round {}: {})",
+                    failed.len(),
+                    first.round,
+                    first.error
+                ),
+            };
+            if runs.is_empty() {
+                return format!("{target}: FAIL{failures}");
+            }
             let mid = |read: fn(&TargetReport) -> f64| median(runs.iter().map(|t| read(t)).collect());
             let all_held = runs.iter().all(|t| t.ramp_s.is_some());
             let ramp = mid(|t| t.ramp_s.unwrap_or(f64::INFINITY));
             format!(
                 "{}: {} {} held, ramp {}, {:.2} KiB/poll, idle CPU {:.2}%, single {:.0}/s, batch {:.0}/s, \
-                 p50/p99/max {:.1}/{:.1}/{:.1} ms at {}/s, lost {}, twice {}{}{}",
+                 p50/p99/max {:.1}/{:.1}/{:.1} ms at {}/s, lost {}, twice {}{}{}{}",
                 target,
-                if runs.iter().all(|t| t.passed()) { "OK" } else { "FAIL" },
+                if failed.is_empty() && runs.iter().all(|t| t.passed()) { "OK" } else { "FAIL" },
                 runs.iter().map(|t| t.held).min().unwrap_or_default(),
                 if all_held { format!("{ramp:.2} s") } else { "incomplete".into() },
                 mid(|t| t.rss_per_poll_kib),
@@ -361,6 +406,7 @@ pub fn summary_line(run: &Run) -> String {
                 runs.iter().map(|t| t.delivery.lost).sum::<u64>(),
                 runs.iter().map(|t| t.delivery.duplicated).sum::<u64>(),
                 logged(&runs),
+                failures,
                 if runs.len() > 1 {
                     format!(" (medians of {} rounds)", runs.len())
                 } else {
@@ -423,6 +469,52 @@ mod tests {
         assert_eq!((single.pns, single.nchan), (150.0, 200.0));
         assert!(!single.pns_as_good && !single.lower_is_better);
         assert_eq!(single.rounds_pns_as_good, 1);
+    }
+
+    /// A round that failed (nginx's workers dying, say) leaves the
+    /// others compared, marks its target FAIL with the error, and fails
+    /// the run only when that target is judged.
+    #[test]
+    fn a_failed_round_is_reported_and_judged_with_its_target() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["bench"]).args;
+        let targets = vec![
+            measured("pns", 1, 1.0, 100.0),
+            measured("nchan", 1, 2.0, 300.0),
+            measured("pns", 2, 3.0, 200.0),
+        ];
+        let failed = vec![FailedRound {
+            target: "nchan",
+            round: 2,
+            error: "measuring nchan: Connection reset by peer".into(),
+            server_log: crate::servers::ServerLog {
+                lines: 386,
+                workers_died: 386,
+                first: None,
+            },
+        }];
+        let run = Run::new(&args, targets, failed, Vec::new());
+        assert_eq!(row(&run.comparison, "single_per_s").rounds, 1);
+        let line = summary_line(&run);
+        let nchan = line.split(" | ").nth(1).unwrap();
+        assert!(nchan.starts_with("nchan: FAIL"), "{line}");
+        assert!(
+            nchan
+                .contains("1 round(s) failed (round 2: measuring nchan: Connection reset by peer)"),
+            "{line}"
+        );
+        assert!(run.passed(|t| t == "pns"));
+        assert!(!run.passed(|_| true));
+
+        let only_failures = Run::new(&args, Vec::new(), run.failed, Vec::new());
+        assert_eq!(
+            summary_line(&only_failures),
+            "pns-load: nchan: FAIL, 1 round(s) failed (round 2: measuring nchan: Connection reset by peer)"
+        );
     }
 
     #[test]
