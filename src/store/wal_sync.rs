@@ -48,6 +48,10 @@
 //! After a failed sync the kernel may have dropped the pages it could not
 //! write and reports the error only once; so from then on every answer is
 //! an error until the node restarts.
+//!
+//! A sync the disk holds [`SLOW_SYNC`] or longer holds every
+//! acknowledgement waiting for it as long, and nothing else on the node
+//! shows why: such syncs are logged ([`SlowSyncs`]).
 
 use std::fs::File;
 use std::path::Path;
@@ -132,6 +136,44 @@ impl Default for Windows {
 /// Messages waiting that make a sync start at once: a burst is
 /// acknowledged as fast as the disk syncs.
 const SYNC_AT_ONCE: usize = 32;
+
+/// A sync of the log that takes this long or longer is logged: a sync
+/// takes well under a millisecond on an idle disk here, up to a few while
+/// the checkpointer syncs the database file beside it.
+const SLOW_SYNC: Duration = Duration::from_millis(100);
+/// At most one warning of slow syncs in this long, so that a disk that
+/// stays slow does not fill the log.
+const SLOW_SYNC_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// The slow syncs not yet logged, and when the last warning was.
+#[derive(Default)]
+struct SlowSyncs {
+    warned_at: Option<Instant>,
+    unlogged: u32,
+    longest: Duration,
+}
+
+impl SlowSyncs {
+    /// Note a sync that took `took` and ended at `now`: the slow syncs to
+    /// warn of now (how many, and the longest), if it is time to.
+    fn note(&mut self, took: Duration, now: Instant) -> Option<(u32, Duration)> {
+        if took < SLOW_SYNC {
+            return None;
+        }
+        self.unlogged += 1;
+        self.longest = self.longest.max(took);
+        let warned_lately = self
+            .warned_at
+            .is_some_and(|at| now.duration_since(at) < SLOW_SYNC_WARNING_EVERY);
+        if warned_lately {
+            return None;
+        }
+        self.warned_at = Some(now);
+        let slow = (self.unlogged, self.longest);
+        (self.unlogged, self.longest) = (0, Duration::ZERO);
+        Some(slow)
+    }
+}
 
 pub struct WalSync {
     handover: Arc<Handover>,
@@ -374,6 +416,7 @@ fn run(
     // right after a sync that served several rounds.
     let mut cadence = None;
     let mut last_synced: Option<Instant> = None;
+    let mut slow_syncs = SlowSyncs::default();
     loop {
         let Some(rounds) = gather(handover, windows, cadence, last_synced) else {
             break;
@@ -385,6 +428,7 @@ fn run(
             continue;
         }
         let several = rounds.len() > 1;
+        let started = Instant::now();
         let outcome = match &failure {
             Some(why) => Err(why.clone()),
             None => wal.sync_data().map_err(|e| {
@@ -395,13 +439,23 @@ fn run(
                 why
             }),
         };
+        let now = Instant::now();
+        if failure.is_none() {
+            if let Some((slow, longest)) = slow_syncs.note(now - started, now) {
+                tracing::warn!(
+                    took_ms = (now - started).as_millis() as u64,
+                    slow_syncs = slow,
+                    longest_ms = longest.as_millis() as u64,
+                    "a sync of the write-ahead log was slow, and the acknowledgements waiting for it with it (slow_syncs: since the last such warning)"
+                );
+            }
+        }
         if let Err(tokio::sync::mpsc::error::SendError((rounds, outcome))) =
             synced.send((rounds, outcome))
         {
             // No task answers (its runtime is gone): answer here.
             answer(rounds, &outcome);
         }
-        let now = Instant::now();
         last_synced = Some(now);
         cadence = several.then_some(now);
     }
@@ -482,6 +536,24 @@ mod tests {
         messages: SYNC_NOW,
         in_loops: false,
     };
+
+    /// An operator hears of a disk that holds syncs up, once in a while
+    /// however long it stays slow, and of every slow sync in between.
+    #[test]
+    fn slow_syncs_are_logged_at_most_once_in_a_while_with_those_in_between() {
+        let mut slow_syncs = SlowSyncs::default();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let ms = Duration::from_millis;
+        assert_eq!(slow_syncs.note(ms(2), at(0)), None);
+        assert_eq!(slow_syncs.note(ms(99), at(100)), None);
+        assert_eq!(slow_syncs.note(ms(250), at(1_000)), Some((1, ms(250))));
+        assert_eq!(slow_syncs.note(ms(400), at(2_000)), None);
+        assert_eq!(slow_syncs.note(ms(120), at(9_000)), None);
+        assert_eq!(slow_syncs.note(ms(1), at(11_000)), None);
+        assert_eq!(slow_syncs.note(ms(100), at(11_500)), Some((3, ms(400))));
+        assert_eq!(slow_syncs.note(ms(300), at(30_000)), Some((1, ms(300))));
+    }
 
     fn started() -> (tempfile::TempDir, WalSync) {
         started_with_windows(Windows::default())

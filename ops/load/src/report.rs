@@ -422,9 +422,11 @@ pub fn summary_line(run: &Run) -> String {
 fn logged(runs: &[&TargetReport]) -> String {
     let lines: u64 = runs.iter().map(|t| t.server_log.lines).sum();
     let died: u64 = runs.iter().map(|t| t.server_log.workers_died).sum();
-    match (lines, died) {
-        (0, _) => String::new(),
-        (_, 0) => format!(", {lines} log lines"),
+    let slow_syncs: u64 = runs.iter().map(|t| t.server_log.slow_syncs).sum();
+    match (lines, died, slow_syncs) {
+        (0, _, _) => String::new(),
+        (_, 0, 0) => format!(", {lines} log lines"),
+        (_, 0, _) => format!(", {lines} log lines ({slow_syncs} of them slow-sync warnings)"),
         _ => format!(", {lines} log lines ({died} dead workers)"),
     }
 }
@@ -442,6 +444,16 @@ mod tests {
         };
         t.single.per_s = single_per_s;
         t
+    }
+
+    /// `pns-load bench`'s arguments when none are given.
+    fn default_args() -> BenchArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        <Cli as clap::Parser>::parse_from(["bench"]).args
     }
 
     fn row<'a>(rows: &'a [Comparison], figure: &str) -> &'a Comparison {
@@ -476,12 +488,7 @@ mod tests {
     /// the run only when that target is judged.
     #[test]
     fn a_failed_round_is_reported_and_judged_with_its_target() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: BenchArgs,
-        }
-        let args = <Cli as clap::Parser>::parse_from(["bench"]).args;
+        let args = default_args();
         let targets = vec![
             measured("pns", 1, 1.0, 100.0),
             measured("nchan", 1, 2.0, 300.0),
@@ -494,7 +501,7 @@ mod tests {
             server_log: crate::servers::ServerLog {
                 lines: 386,
                 workers_died: 386,
-                first: None,
+                ..Default::default()
             },
         }];
         let run = Run::new(&args, targets, failed, Vec::new());
@@ -514,6 +521,24 @@ mod tests {
         assert_eq!(
             summary_line(&only_failures),
             "pns-load: nchan: FAIL, 1 round(s) failed (round 2: measuring nchan: Connection reset by peer)"
+        );
+    }
+
+    /// A disk that held PNS's syncs is named as such, not left among
+    /// the server's own warnings.
+    #[test]
+    fn warnings_of_slow_syncs_are_named_in_the_summary() {
+        let args = default_args();
+        let mut targets = vec![measured("pns", 1, 1.0, 100.0)];
+        targets[0].server_log = crate::servers::ServerLog {
+            lines: 3,
+            slow_syncs: 2,
+            ..Default::default()
+        };
+        let line = summary_line(&Run::new(&args, targets, Vec::new(), Vec::new()));
+        assert!(
+            line.contains(", 3 log lines (2 of them slow-sync warnings)"),
+            "{line}"
         );
     }
 

@@ -90,6 +90,10 @@ pub struct ServerLog {
     /// nginx's workers that died (`exited on signal`); the master starts
     /// another, and the dead one's connections are gone.
     pub workers_died: u64,
+    /// PNS's warnings that the disk held a sync of its log (`slow_syncs=`
+    /// in the line), and with it the acknowledgements: the machine's
+    /// doing rather than the server's. Counted in `lines` too.
+    pub slow_syncs: u64,
     /// The first such line.
     pub first: Option<String>,
 }
@@ -107,6 +111,9 @@ impl ServerLog {
         self.lines += 1;
         if kind == TargetKind::Nchan && line.contains("exited on signal") {
             self.workers_died += 1;
+        }
+        if kind == TargetKind::Pns && line.contains("slow_syncs=") {
+            self.slow_syncs += 1;
         }
         if self.first.is_none() {
             self.first = Some(line.to_owned());
@@ -343,15 +350,15 @@ mod tests {
     fn only_warnings_and_errors_of_pns_count() {
         let mut log = ServerLog::default();
         log.tally(TargetKind::Pns, "2026-12-06T23:01:02Z  INFO pns: held");
-        log.tally(TargetKind::Pns, "2026-12-06T23:01:03Z  WARN pns: slow sync");
+        log.tally(
+            TargetKind::Pns,
+            "2026-12-06T23:01:03Z  WARN pns::store::wal_sync: a sync of the write-ahead log was slow took_ms=241 slow_syncs=1 longest_ms=241",
+        );
         log.tally(
             TargetKind::Pns,
             "2026-12-06T23:01:04Z ERROR pns: store failed",
         );
-        assert_eq!((log.lines, log.workers_died), (2, 0));
-        assert!(log
-            .first
-            .as_deref()
-            .is_some_and(|l| l.contains("slow sync")));
+        assert_eq!((log.lines, log.workers_died, log.slow_syncs), (2, 0, 1));
+        assert!(log.first.as_deref().is_some_and(|l| l.contains("was slow")));
     }
 }
