@@ -440,13 +440,14 @@ fn run(
             }),
         };
         let now = Instant::now();
+        let took = now - started;
         if failure.is_none() {
-            if let Some((slow, longest)) = slow_syncs.note(now - started, now) {
+            if let Some((slow, longest)) = slow_syncs.note(took, now) {
                 tracing::warn!(
-                    took_ms = (now - started).as_millis() as u64,
+                    took_ms = took.as_millis() as u64,
                     slow_syncs = slow,
                     longest_ms = longest.as_millis() as u64,
-                    "a sync of the write-ahead log was slow, and the acknowledgements waiting for it with it (slow_syncs: since the last such warning)"
+                    "a sync of the write-ahead log was slow, and so were the acknowledgements waiting for it (slow_syncs: since the last such warning)"
                 );
             }
         }

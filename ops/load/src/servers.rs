@@ -352,7 +352,7 @@ mod tests {
         log.tally(TargetKind::Pns, "2026-12-06T23:01:02Z  INFO pns: held");
         log.tally(
             TargetKind::Pns,
-            "2026-12-06T23:01:03Z  WARN pns::store::wal_sync: a sync of the write-ahead log was slow took_ms=241 slow_syncs=1 longest_ms=241",
+            "2026-12-06T23:01:03Z  WARN pns::store::wal_sync: a sync of the write-ahead log was slow, and so were the acknowledgements waiting for it (slow_syncs: since the last such warning) took_ms=241 slow_syncs=1 longest_ms=241",
         );
         log.tally(
             TargetKind::Pns,
