@@ -72,8 +72,12 @@ const PURGE_SLICE_ROWS: i64 = if cfg!(test) { 16 } else { 2_048 };
 /// database file. A checkpoint syncs both files on the writer's thread,
 /// which holds up the rounds behind it, so this is only the fallback: the
 /// checkpointer has the log start over long before
-/// ([`checkpoint::RESTART_AT`]), unless reads keep it from doing so. The
-/// log takes up to about 22 MiB on disk (43 MiB with 4 KiB pages).
+/// ([`checkpoint::RESTART_AT`]), unless reads keep it from doing so or
+/// frames come faster than it copies them (batches to scattered users at
+/// 15,000 a second and more, a frame each, reach this every second or
+/// so; a fallback four times as far off freed the writer of it and gave
+/// no more batches, docs/benchmarks/NOTES.md, ⁴⁸). The log takes up to
+/// about 22 MiB on disk (43 MiB with 4 KiB pages).
 const CHECKPOINT_PAGES: u64 = 10_000;
 /// The page size of a new database file. A message is one row of the
 /// messages table, kept in mailbox order, so the rows of one commit for
