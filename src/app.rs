@@ -48,10 +48,10 @@ impl App {
             ),
         };
         let sessions = Arc::new(SessionValidator::new(key, config.audience.as_deref())?);
-        let metrics = Arc::new(Metrics::new());
         let store = crate::store::connect(&config.database_url)
             .await
             .context("cannot open the message store")?;
+        let metrics = Arc::new(Metrics::new(store.sync_times()));
         let store: SharedStore = Arc::new(crate::store::Metered::new(
             store,
             metrics.store_errors.clone(),

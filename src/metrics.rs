@@ -163,12 +163,14 @@ pub struct LatencySummary {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The node's metrics, with the times of the store's syncs
+    /// ([`crate::store::MessageStore::sync_times`]) where it makes them.
+    pub fn new(store_sync_times: Option<Histogram>) -> Self {
         let mut registry = Registry::with_prefix("pns");
         let polls_held = Gauge::default();
         let answers_owed = Gauge::default();
@@ -269,6 +271,13 @@ impl Metrics {
             "From a message being accepted (or due, when delayed) to its poll answer",
             delivery_latency.clone(),
         );
+        if let Some(sync_times) = store_sync_times {
+            registry.register(
+                "wal_sync_seconds",
+                "How long each sync of the SQLite write-ahead log took: the acknowledgements of the writes it made durable waited for it",
+                sync_times,
+            );
+        }
         // Every series exists from the start, so rates and alerts see zeros.
         for outcome in Outcome::ALL {
             let _ = poll_answers.get_or_create(&OutcomeLabel { outcome });
@@ -481,7 +490,7 @@ mod tests {
 
     #[test]
     fn come_from_labels_stop_at_the_cap() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         for i in 0..100 {
             m.polled_from(Some(&format!("tag{i}")));
         }
@@ -498,7 +507,7 @@ mod tests {
 
     #[test]
     fn latency_percentiles_come_from_the_recent_window() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         assert_eq!(m.latency_summary(), None);
         for ms in 1..=100 {
             m.observe_delivery(ms);

@@ -143,4 +143,8 @@ impl MessageStore for Metered {
     fn wake_after_commits(&self, hub: std::sync::Arc<crate::hub::Hub>) -> bool {
         self.inner.wake_after_commits(hub)
     }
+
+    fn sync_times(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        self.inner.sync_times()
+    }
 }

@@ -514,6 +514,13 @@ pub trait MessageStore: Send + Sync + 'static {
     fn wake_after_commits(&self, _hub: Arc<crate::hub::Hub>) -> bool {
         false
     }
+
+    /// How long each of the syncs that acknowledgements wait for took, for
+    /// a store that makes them itself (SQLite's of its log); `None` where
+    /// the database server does (PostgreSQL's commit).
+    fn sync_times(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        None
+    }
 }
 
 pub type SharedStore = Arc<dyn MessageStore>;

@@ -42,6 +42,7 @@ use super::{
     PurgeReport, PurgeSlice, RetentionPolicy, Revocations, StoreError, StoreResult, StoredMessage,
 };
 use async_trait::async_trait;
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -129,6 +130,7 @@ pub struct SqliteStore {
     writes: mpsc::Sender<Queued>,
     memory: Arc<InMemory>,
     sync_health: SyncHealth,
+    sync_times: Histogram,
 }
 
 /// What the readers can learn without a read of the file; only the writer
@@ -358,6 +360,7 @@ impl SqliteStore {
         });
         drop(with_position);
         let sync_health = sync.health();
+        let sync_times = sync.sync_times();
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer_memory = memory.clone();
         // On the ingest thread: see crate::threads. The writer ends when the
@@ -400,6 +403,7 @@ impl SqliteStore {
             writes: tx,
             memory,
             sync_health,
+            sync_times,
         })
     }
 
@@ -1684,6 +1688,10 @@ impl MessageStore for SqliteStore {
         // The writer is in this process and commits one round at a time.
         let _ = self.memory.hub.set(hub);
         true
+    }
+
+    fn sync_times(&self) -> Option<Histogram> {
+        Some(self.sync_times.clone())
     }
 
     async fn ping(&self) -> StoreResult<()> {

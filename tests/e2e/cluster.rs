@@ -277,6 +277,18 @@ async fn a_registration_whose_caller_leaves_midway_still_clears_the_cached_unkno
     }
 }
 
+/// PostgreSQL syncs its own commits: a node on it has no series of syncs
+/// of its own that would read as a disk that never syncs.
+#[tokio::test]
+async fn a_node_on_postgresql_times_no_syncs_of_its_own() {
+    let schema = Schema::create().await;
+    let n = nodes(&schema, 1).await;
+    n[0].mail("alice@example.com", "one").await;
+    let text = metrics(&n[0]).await;
+    assert!(text.contains("pns_messages_accepted_total"), "{text}");
+    assert!(!text.contains("pns_wal_sync_seconds"), "{text}");
+}
+
 #[tokio::test]
 async fn a_notify_on_one_node_wakes_polls_held_on_the_others() {
     let schema = Schema::create().await;

@@ -160,6 +160,28 @@ async fn metrics_follow_polls_answers_and_deliveries() {
     assert!(text.trim_end().ends_with("# EOF"));
 }
 
+/// An operator sees how long the disk takes to sync the log the
+/// acknowledgements wait for, sync by sync, and so a disk that grows slow.
+#[tokio::test]
+async fn the_syncs_that_acknowledgements_wait_for_are_timed() {
+    let s = Server::start();
+    let before = metric(&s, "pns_wal_sync_seconds_count").await;
+    for subject in ["one", "two", "three"] {
+        // Each 202 comes after a sync of the log that holds the message.
+        s.mail("alice@example.com", subject).await;
+    }
+    let text = metrics(&s).await;
+    let count = sample(&text, "pns_wal_sync_seconds_count").unwrap();
+    assert!(count > before, "{count} syncs timed, {before} before");
+    assert!(sample(&text, "pns_wal_sync_seconds_sum").unwrap() > 0.0);
+    assert_eq!(
+        sample(&text, "pns_wal_sync_seconds_bucket{le=\"+Inf\"}"),
+        Some(count)
+    );
+    // A slow sync falls in the buckets at and above the warning's 100 ms.
+    assert!(sample(&text, "pns_wal_sync_seconds_bucket{le=\"0.1\"}").is_some());
+}
+
 #[tokio::test]
 async fn the_come_from_breakdown_keeps_32_values_and_counts_the_rest_as_other() {
     let s = Server::start_with(&[("PNS_SESSION_POLL_RATE", "0")]);
