@@ -45,6 +45,16 @@ log = pns["server_log"]
 others = log["lines"] - log["slow_syncs"]
 assert others == 0, f"PNS logged {others} warning or error line(s) besides slow syncs, the first: {log['first']}"
 print(f"PNS's log: no warning or error besides slow-sync warnings, the disk's doing ({log['slow_syncs']})")
+
+# Each phase's acknowledgements waited for syncs of PNS's log, which the
+# tool counts from PNS's metrics; Nchan syncs nothing.
+for phase in ("single", "rate", "batch"):
+    syncs = pns[phase]["log_syncs"]
+    assert syncs and syncs["count"] > 0, f"{phase}: no sync of PNS's log counted: {syncs}"
+for nchan in (t for t in report["targets"] if t["target"] == "nchan"):
+    assert nchan["single"]["log_syncs"] is None, nchan["single"]["log_syncs"]
+print("PNS's syncs of its log by phase: " + ", ".join(
+    f"{p} {pns[p]['log_syncs']['count']}" for p in ("single", "rate", "batch")))
 CHECK
 
 # A round that fails (here an nginx that never starts, as nginx did when

@@ -17,6 +17,7 @@
 //!    concurrent single publishes.
 
 use crate::conn::{source_addr, Conn};
+use crate::pns::{LogSyncs, SyncTimes};
 use crate::report::{self, Phase, RampCpu, RatePhase, TargetReport};
 use crate::servers::{self, Server};
 use crate::stats;
@@ -444,6 +445,7 @@ async fn measure_server(
     let mut expected = 0u64;
 
     // 1. One message to every user, as fast as it goes.
+    let syncs = log_syncs(&ingest, server, octet).await?;
     let (t, c) = (Instant::now(), cpu());
     let (conns, single) = send_singles(
         ingest.clone(),
@@ -462,6 +464,7 @@ async fn measure_server(
         .await?;
     let single_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let single_cpu = cpu_since(c);
+    let (single_syncs, syncs) = log_syncs_since(syncs, &ingest, server, octet).await?;
 
     // 2. A fixed rate, each message stamped with when it was due.
     let total = u64::from(args.rate) * u64::from(args.rate_secs);
@@ -479,6 +482,7 @@ async fn measure_server(
         .await?;
     let rate_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let rate_cpu = cpu_since(c);
+    let (rate_syncs, syncs) = log_syncs_since(syncs, &ingest, server, octet).await?;
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
@@ -502,6 +506,7 @@ async fn measure_server(
         .await?;
     let batch_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let batch_cpu = cpu_since(c);
+    let (batch_syncs, _) = log_syncs_since(syncs, &ingest, server, octet).await?;
     drop(senders);
     // The polls are held again by now; what answering them left behind,
     // once the allocators had time to hand back what the bursts used.
@@ -537,7 +542,8 @@ async fn measure_server(
                      held_again_s: Option<f64>,
                      cpu: (f64, f64),
                      p: u8,
-                     mode: &'static str| {
+                     mode: &'static str,
+                     log_syncs: Option<LogSyncs>| {
         let per_msg = |secs: f64| secs * 1e6 / (sent.acked.len().max(1) as f64);
         Phase {
             messages: sent.acked.len() as u64,
@@ -551,6 +557,7 @@ async fn measure_server(
             delivery: stats::tally(&sent.acked, &seen, in_phase(p)),
             latency: stats::latency(std::mem::take(&mut latency[usize::from(p)])),
             ack_latency: stats::latency(sent.ack_us.clone()),
+            log_syncs,
         }
     };
     let single_phase = phase(
@@ -560,6 +567,7 @@ async fn measure_server(
         single_cpu,
         SINGLE,
         "single notifies",
+        single_syncs,
     );
     let rate_phase = phase(
         &rate,
@@ -568,6 +576,7 @@ async fn measure_server(
         rate_cpu,
         RATE,
         "single notifies at a fixed rate",
+        rate_syncs,
     );
     let batch_phase = phase(
         &batch,
@@ -576,6 +585,7 @@ async fn measure_server(
         batch_cpu,
         BATCH,
         batch_mode,
+        batch_syncs,
     );
     let first_send_error = single
         .first_error
@@ -677,6 +687,33 @@ async fn open_senders(octet: u8, server: &Server, count: usize) -> anyhow::Resul
         conns.push(Conn::open(source_addr(octet, i as u32), server.ingest).await?);
     }
     Ok(conns)
+}
+
+/// The syncs of the server's log so far, on a connection of its own (the
+/// ramp's may have been idle too long): PNS's; `None` for Nchan.
+async fn log_syncs(
+    ingest: &Ingest,
+    server: &Server,
+    octet: u8,
+) -> anyhow::Result<Option<SyncTimes>> {
+    let Ingest::Pns(api) = ingest else {
+        return Ok(None);
+    };
+    let mut conn = Conn::open(source_addr(octet, 997), server.ingest).await?;
+    Ok(Some(api.log_syncs(&mut conn).await?))
+}
+
+/// The syncs of the server's log since `before` (a phase's), and those so
+/// far, for the next phase.
+async fn log_syncs_since(
+    before: Option<SyncTimes>,
+    ingest: &Ingest,
+    server: &Server,
+    octet: u8,
+) -> anyhow::Result<(Option<LogSyncs>, Option<SyncTimes>)> {
+    let now = log_syncs(ingest, server, octet).await?;
+    let since = before.zip(now.as_ref()).map(|(b, n)| n.since(&b));
+    Ok((since, now))
 }
 
 /// After a phase's messages arrived, wait until the server holds all `n`

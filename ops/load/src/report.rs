@@ -34,6 +34,10 @@ pub struct Phase {
     pub latency: Latency,
     /// Request sent → its acknowledgement (a batch's, in batches).
     pub ack_latency: Latency,
+    /// The server's syncs of its log from the phase's start until every
+    /// poll was held again, which its acknowledgements waited for: PNS on
+    /// SQLite; `None` for Nchan, which syncs nothing.
+    pub log_syncs: Option<crate::pns::LogSyncs>,
 }
 
 #[derive(Debug, Default, Serialize)]
