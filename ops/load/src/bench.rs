@@ -445,7 +445,7 @@ async fn measure_server(
     let mut expected = 0u64;
 
     // 1. One message to every user, as fast as it goes.
-    let syncs = log_syncs(&ingest, server, octet).await?;
+    let sync_times = sync_times_now(&ingest, server, octet).await?;
     let (t, c) = (Instant::now(), cpu());
     let (conns, single) = send_singles(
         ingest.clone(),
@@ -464,7 +464,7 @@ async fn measure_server(
         .await?;
     let single_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let single_cpu = cpu_since(c);
-    let (single_syncs, syncs) = log_syncs_since(syncs, &ingest, server, octet).await?;
+    let (single_syncs, sync_times) = syncs_since(sync_times, &ingest, server, octet).await?;
 
     // 2. A fixed rate, each message stamped with when it was due.
     let total = u64::from(args.rate) * u64::from(args.rate_secs);
@@ -482,7 +482,7 @@ async fn measure_server(
         .await?;
     let rate_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let rate_cpu = cpu_since(c);
-    let (rate_syncs, syncs) = log_syncs_since(syncs, &ingest, server, octet).await?;
+    let (rate_syncs, sync_times) = syncs_since(sync_times, &ingest, server, octet).await?;
 
     // 3. Batches.
     let batch_total = args.batch_total.div_ceil(args.batch.max(1)) * args.batch.max(1);
@@ -506,7 +506,7 @@ async fn measure_server(
         .await?;
     let batch_held_again = held_again(&ingest, server, octet, n, limit).await?;
     let batch_cpu = cpu_since(c);
-    let (batch_syncs, _) = log_syncs_since(syncs, &ingest, server, octet).await?;
+    let (batch_syncs, _) = syncs_since(sync_times, &ingest, server, octet).await?;
     drop(senders);
     // The polls are held again by now; what answering them left behind,
     // once the allocators had time to hand back what the bursts used.
@@ -689,9 +689,10 @@ async fn open_senders(octet: u8, server: &Server, count: usize) -> anyhow::Resul
     Ok(conns)
 }
 
-/// The syncs of the server's log so far, on a connection of its own (the
-/// ramp's may have been idle too long): PNS's; `None` for Nchan.
-async fn log_syncs(
+/// The times of the server's syncs of its log so far, on a connection of
+/// its own (the ramp's may have been idle too long): PNS's; `None` for
+/// Nchan.
+async fn sync_times_now(
     ingest: &Ingest,
     server: &Server,
     octet: u8,
@@ -700,18 +701,18 @@ async fn log_syncs(
         return Ok(None);
     };
     let mut conn = Conn::open(source_addr(octet, 997), server.ingest).await?;
-    Ok(Some(api.log_syncs(&mut conn).await?))
+    Ok(Some(api.sync_times(&mut conn).await?))
 }
 
-/// The syncs of the server's log since `before` (a phase's), and those so
-/// far, for the next phase.
-async fn log_syncs_since(
+/// The syncs of the server's log since `before` (a phase's), and the
+/// times so far, for the next phase.
+async fn syncs_since(
     before: Option<SyncTimes>,
     ingest: &Ingest,
     server: &Server,
     octet: u8,
 ) -> anyhow::Result<(Option<LogSyncs>, Option<SyncTimes>)> {
-    let now = log_syncs(ingest, server, octet).await?;
+    let now = sync_times_now(ingest, server, octet).await?;
     let since = before.zip(now.as_ref()).map(|(b, n)| n.since(&b));
     Ok((since, now))
 }

@@ -185,7 +185,7 @@ impl Internal {
 
     /// The syncs of the server's log so far (`pns_wal_sync_seconds` of
     /// `GET /metrics`); none counted on a server without the series.
-    pub async fn log_syncs(&self, conn: &mut Conn) -> anyhow::Result<SyncTimes> {
+    pub async fn sync_times(&self, conn: &mut Conn) -> anyhow::Result<SyncTimes> {
         let reply = conn
             .request(Method::GET, "/metrics", &[], Bytes::new(), CALL_LIMIT)
             .await?;
@@ -248,6 +248,8 @@ impl SyncTimes {
             .iter()
             .find(|(bound, _)| within(*bound) == count)
             .map(|(bound, _)| bound * 1000.0);
+        // 10 and 100 ms are bounds of the server's histogram
+        // (`SYNC_TIME_BUCKETS` in src/store/wal_sync.rs).
         LogSyncs {
             count,
             mean_ms: (self.sum_s - before.sum_s) * 1000.0 / count.max(1) as f64,
