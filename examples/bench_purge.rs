@@ -9,7 +9,8 @@
 //! connection for `--secs` seconds, each once the last is acknowledged.
 //! Prints how long pns took to start on the full store (to listen), how
 //! long the acknowledgements took (p50, p99, longest) and how many purges
-//! ran meanwhile: a purge that holds the writer shows as the longest.
+//! ran meanwhile: a purge that holds the writer shows as the longest. The
+//! syncs of the log say whether the disk held one instead.
 //!
 //! ```text
 //! cargo build --release --bin pns --example bench_purge
@@ -116,6 +117,35 @@ async fn fill(a: &Args, data: &Path) {
     conn.close().await.unwrap();
 }
 
+/// The syncs of the log since the start (`pns_wal_sync_seconds` of
+/// `/metrics`): how many, their mean, and how many took over 100 ms, each
+/// of which held the acknowledgements waiting for it as long.
+async fn log_syncs(http: &reqwest::Client, internal: &str) -> String {
+    let metrics = http
+        .get(format!("http://{internal}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |series: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let count = sample("pns_wal_sync_seconds_count");
+    let mean_ms = sample("pns_wal_sync_seconds_sum") * 1e3 / count.max(1.0);
+    let slow = count - sample("pns_wal_sync_seconds_bucket{le=\"0.1\"}");
+    format!("log syncs: {count} (mean {mean_ms:.2} ms, {slow} over 100 ms)")
+}
+
 #[tokio::main]
 async fn main() {
     let a = args();
@@ -130,7 +160,8 @@ async fn main() {
     let started = starting.elapsed();
     let token = std::fs::read_to_string(data.join("internal_token")).unwrap();
     let http = reqwest::Client::new();
-    let url = format!("http://{}/internal/v1/notify", pns.address("internal"));
+    let internal = pns.address("internal");
+    let url = format!("http://{internal}/internal/v1/notify");
     let every = Duration::from_nanos(1_000_000_000 / a.rate);
     let (purges_before, start) = (purges.load(Ordering::Relaxed), Instant::now());
     let mut acks = Vec::new();
@@ -157,11 +188,12 @@ async fn main() {
         "no purge ran in {} s: nothing was measured",
         a.secs
     );
+    let syncs = log_syncs(&http, &internal).await;
     acks.sort();
     let at = |q: f64| acks[((acks.len() as f64 * q).ceil() as usize).clamp(1, acks.len()) - 1];
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "rows: {}  mailboxes: {}  filled in: {:.1} s  started in: {:.2} s  notifies: {}  purges: {}  ack p50/p99/max: {:.2}/{:.2}/{:.1} ms",
+        "rows: {}  mailboxes: {}  filled in: {:.1} s  started in: {:.2} s  notifies: {}  purges: {}  ack p50/p99/max: {:.2}/{:.2}/{:.1} ms  {syncs}",
         a.rows,
         a.mailboxes,
         filled.as_secs_f64(),
